@@ -1,0 +1,320 @@
+"""``LearnedOptimizer``: the thin ``torch.optim.Optimizer`` shell that runs an update rule.
+
+The rule (``learned_optim.rules``) maps gradients and recurrent state to an update; this class
+owns the bookkeeping torch users expect: param groups, ``lr`` (multiplies the rule's update, so
+LR schedulers work), ``maximize``, closures, ``state_dict``/``load_state_dict``, deepcopy.
+
+Recurrent state lives in ``self.state[p]`` as plain tensors (so ``torch.load(weights_only=True)``
+works) and is kept in ``state_dtype`` (float32 by default) whatever the parameter dtype: torch's
+``load_state_dict`` casts floating state to the parameter dtype, which we undo with a pair of
+load hooks that restore the saved tensors exactly (bit-for-bit resume for bf16/fp16 params too).
+
+Coordinate-wise rules (L2O-DM, RNNprop) are evaluated over the coordinates of a param group in
+chunks of at most ``chunk_size`` coordinates: small tensors are packed together into one chunk
+(one rule call for many tensors), large ones are cut into slices, so the temporary memory of
+``step()`` is bounded by the chunk size, not the model size. L2O-Scale's per-tensor and global
+RNNs need whole-tensor reductions, so it runs on a whole param group at once.
+
+Non-finite gradients (policy ``nonfinite="skip"``, the default): a tensor whose gradient holds
+NaN or Inf is skipped for that step, its parameter and recurrent state left untouched, and a
+``RuntimeWarning`` is issued; other tensors update normally. ``nonfinite="raise"`` raises a
+``FloatingPointError`` before anything is modified.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .rules import Rule
+from .weights import load_rule, resolve_weights
+
+_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _real_view(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+class LearnedOptimizer(Optimizer):
+    """Run a learned update rule as a ``torch.optim.Optimizer``.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        rule: an update-rule module (``learned_optim.rules``); or give ``weights``.
+        weights: a bundled name (``learned_optim.available_weights()``), a path to a ``.safetensors``
+            file, or ``hf://org/repo[/file][@revision]``.
+        lr: multiplies the rule's update (default 1.0: the rule as trained).
+        maximize: maximise the objective instead of minimising it.
+        chunk_size: coordinates per rule evaluation (bounds the temporary memory of ``step``).
+        state_dtype: dtype of the recurrent state (float32 default; bfloat16 halves its memory).
+        nonfinite: ``"skip"`` (skip tensors whose gradient is NaN/Inf, warn) or ``"raise"``.
+        revision, cache_dir, local_files_only, endpoint, token: passed to the hub download.
+    """
+
+    rule_name: str | None = None  # set by the subclasses; checked against the weight file
+
+    def __init__(self, params: Iterable, rule: Rule | None = None, *, weights: str | None = None, lr: float = 1.0,
+                 maximize: bool = False, chunk_size: int = 1 << 16, state_dtype: torch.dtype = torch.float32,
+                 nonfinite: str = "skip", revision: str | None = None, cache_dir=None,
+                 local_files_only: bool | None = None, endpoint: str | None = None, token=None):
+        if isinstance(lr, Tensor):
+            raise ValueError("Invalid learning rate: lr as a Tensor is not supported, pass a float")
+        if not 0.0 <= lr or lr != lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"Invalid chunk_size: {chunk_size} (a positive int)")
+        if state_dtype not in _STATE_DTYPES:
+            raise ValueError(f"Invalid state_dtype: {state_dtype} (one of {_STATE_DTYPES})")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"Invalid nonfinite policy: {nonfinite!r} (use 'skip' or 'raise')")
+        if rule is None:
+            if weights is not None:
+                path = resolve_weights(weights, revision=revision, cache_dir=cache_dir,
+                                       local_files_only=local_files_only, endpoint=endpoint, token=token)
+                rule = load_rule(path, rule=self.rule_name)
+            elif self.rule_name is not None:
+                from .rules import build_rule
+
+                rule = build_rule(self.rule_name)
+            else:
+                raise ValueError("LearnedOptimizer needs a rule or weights=")
+        elif weights is not None:
+            raise ValueError("Pass either rule or weights, not both")
+        if self.rule_name is not None and rule.name != self.rule_name:
+            raise ValueError(f"{type(self).__name__} runs {self.rule_name!r} rules, got a {rule.name!r} rule")
+        defaults = dict(lr=lr, maximize=maximize)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.is_sparse:
+                    raise ValueError(f"{type(self).__name__} does not support sparse parameters")
+        self.rule = rule.eval().requires_grad_(False)
+        self.weights = None if weights is None else str(weights)
+        self.chunk_size = chunk_size
+        self.state_dtype = state_dtype
+        self.nonfinite = nonfinite
+        self._rule_copies: dict[torch.device, Rule] = {}
+        self._pending_state: dict | None = None
+        self.register_load_state_dict_pre_hook(_remember_loaded_state)
+        self.register_load_state_dict_post_hook(_restore_loaded_state)
+
+    # ------------------------------------------------------------------ torch plumbing
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+        self.__dict__.setdefault("_rule_copies", {})
+        self.__dict__.setdefault("_pending_state", None)
+
+    def __repr__(self) -> str:
+        head = super().__repr__()
+        return head.replace("(\n", f"(\nRule: {self.rule.name} (weights={self.weights!r})\n", 1)
+
+    def _rule_on(self, device: torch.device) -> Rule:
+        """The rule on ``device`` (a cached copy when the parameters live elsewhere)."""
+        if next(self.rule.parameters()).device == device:
+            return self.rule
+        rule = self._rule_copies.get(device)
+        if rule is None:
+            rule = self._rule_copies[device] = copy.deepcopy(self.rule).to(device)
+        return rule
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; use a dense "
+                                       "embedding (sparse=False) or torch.optim.SparseAdam for those parameters")
+            params = self._drop_nonfinite(params)
+            if not params:
+                continue
+            self._init_group_state(group, params)
+            if self.rule.coordinatewise:
+                self._step_coordinatewise(group, params)
+            else:
+                self._step_whole_group(group, params)
+        return loss
+
+    def _init_group_state(self, group: dict, params: list[Tensor]) -> None:
+        fresh = [p for p in params if len(self.state[p]) == 0]
+        if not fresh:
+            return
+        rule = self._rule_on(fresh[0].device)
+        layout = [tuple(_real_view(p).shape) for p in fresh]
+        init = rule.init_state(layout, device=fresh[0].device)
+        kinds = rule.state_kinds()
+        offsets = {"coord": 0, "tensor": 0}
+        for p, shape in zip(fresh, layout):
+            n = _real_view(p).numel()
+            st: dict[str, Tensor] = {"step": torch.tensor(0.0)}
+            for key, kind in kinds.items():
+                if kind == "coord":
+                    st[key] = init[key][offsets["coord"]: offsets["coord"] + n].to(p.device, self.state_dtype).clone()
+                elif kind == "tensor":
+                    st[key] = init[key][offsets["tensor"]: offsets["tensor"] + 1].to(p.device, self.state_dtype).clone()
+            offsets["coord"] += n
+            offsets["tensor"] += 1
+            self.state[p] = st
+        owner = self.state[group["params"][0]]
+        for key, kind in kinds.items():
+            if kind == "global" and f"group_{key}" not in owner:
+                owner[f"group_{key}"] = init[key].to(fresh[0].device, self.state_dtype).clone()
+
+    def _apply_update(self, p: Tensor, flat_update: Tensor, start: int, lr: float) -> None:
+        target = _real_view(p)
+        if target.is_contiguous():
+            target.view(-1)[start: start + flat_update.numel()].add_(flat_update.to(p.dtype), alpha=lr)
+        else:  # rare: a non-contiguous parameter is updated through a contiguous copy
+            tmp = target.contiguous()
+            tmp.view(-1)[start: start + flat_update.numel()].add_(flat_update.to(p.dtype), alpha=lr)
+            target.copy_(tmp)
+
+    def _step_coordinatewise(self, group: dict, params: list[Tensor]) -> None:
+        lr, sign = group["lr"], (-1.0 if group["maximize"] else 1.0)
+        rule = self._rule_on(params[0].device)
+        keys = [k for k, kind in rule.state_kinds().items() if kind == "coord"]
+        for p in params:
+            self.state[p]["step"] += 1
+        # plan: pieces (param, start, length) packed into chunks of <= chunk_size coordinates
+        chunk: list[tuple[Tensor, int, int]] = []
+        room = self.chunk_size
+        for p in params:
+            n = _real_view(p).numel()
+            start = 0
+            while start < n:
+                take = min(room, n - start)
+                chunk.append((p, start, take))
+                start += take
+                room -= take
+                if room == 0:
+                    self._run_chunk(rule, chunk, keys, lr, sign)
+                    chunk, room = [], self.chunk_size
+        if chunk:
+            self._run_chunk(rule, chunk, keys, lr, sign)
+
+    def _run_chunk(self, rule: Rule, chunk, keys, lr: float, sign: float) -> None:
+        grads = [_real_view(p.grad).reshape(-1)[s: s + n] for p, s, n in chunk]
+        g = (grads[0] if len(grads) == 1 else torch.cat(grads)).to(torch.float32)
+        if sign < 0:
+            g = -g
+        state = {}
+        for k in keys:
+            parts = [self.state[p][k][s: s + n] for p, s, n in chunk]
+            state[k] = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(torch.float32)
+        if len(chunk) == 1:
+            step = self.state[chunk[0][0]]["step"].to(g.device)
+        else:
+            lengths = torch.tensor([n for _, _, n in chunk], device=g.device)
+            step = torch.stack([self.state[p]["step"] for p, _, _ in chunk]).to(g.device)
+            step = step.repeat_interleave(lengths, output_size=g.numel())
+        update, new_state = rule(g, state, step)
+        offset = 0
+        for p, s, n in chunk:
+            rows = slice(offset, offset + n)
+            for k in keys:
+                self.state[p][k][s: s + n].copy_(new_state[k][rows])
+            self._apply_update(p, update[rows], s, lr)
+            offset += n
+
+    def _drop_nonfinite(self, params: list[Tensor]) -> list[Tensor]:
+        """Apply the NaN/Inf policy: one reduction per tensor, one host sync per group."""
+        norms = torch._foreach_norm([_real_view(p.grad) for p in params], float("inf"))
+        finite = torch.isfinite(torch.stack([n.to(params[0].device) for n in norms])).tolist()
+        if all(finite):
+            return params
+        bad = finite.count(False)
+        if self.nonfinite == "raise":
+            raise FloatingPointError(f"{type(self).__name__}: non-finite gradient (NaN/Inf) in {bad} tensor(s); nothing "
+                                     "was updated (nonfinite='raise'). Check the loss, or use nonfinite='skip'")
+        warnings.warn(f"{type(self).__name__}: non-finite gradient (NaN/Inf) in {bad} tensor(s); skipped them this "
+                      "step (their parameters and optimizer state are unchanged)", RuntimeWarning, stacklevel=3)
+        return [p for p, ok in zip(params, finite) if ok]
+
+    def _step_whole_group(self, group: dict, params: list[Tensor]) -> None:
+        lr, sign = group["lr"], (-1.0 if group["maximize"] else 1.0)
+        rule = self._rule_on(params[0].device)
+        kinds = rule.state_kinds()
+        owner = self.state[group["params"][0]]
+        g = torch.cat([_real_view(p.grad).reshape(-1) for p in params]).to(torch.float32)
+        if sign < 0:
+            g = -g
+        state: dict[str, Tensor] = {}
+        for key, kind in kinds.items():
+            if kind in ("coord", "tensor"):
+                state[key] = torch.cat([self.state[p][key] for p in params]).to(torch.float32)
+            elif kind == "global":
+                state[key] = owner[f"group_{key}"].to(torch.float32)
+            elif kind == "layout":
+                state[key] = torch.tensor([_real_view(p).numel() for p in params], device=g.device)
+        for p in params:
+            self.state[p]["step"] += 1
+        step = self.state[params[0]]["step"]
+        update, new_state = rule(g, state, step)
+        offset = 0
+        for i, p in enumerate(params):
+            n = _real_view(p).numel()
+            for key, kind in kinds.items():
+                if kind == "coord":
+                    self.state[p][key].copy_(new_state[key][offset: offset + n])
+                elif kind == "tensor":
+                    self.state[p][key].copy_(new_state[key][i: i + 1])
+            self._apply_update(p, update[offset: offset + n], 0, lr)
+            offset += n
+        for key, kind in kinds.items():
+            if kind == "global":
+                owner[f"group_{key}"].copy_(new_state[key])
+
+
+# ---------------------------------------------------------------------- load_state_dict hooks
+def _remember_loaded_state(optimizer: LearnedOptimizer, state_dict: dict) -> None:
+    """torch casts floating state to each parameter's dtype; keep the originals to restore them."""
+    optimizer._pending_state = state_dict["state"]
+
+
+def _restore_loaded_state(optimizer: LearnedOptimizer) -> None:
+    saved, optimizer._pending_state = optimizer._pending_state, None
+    if saved is None:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # ids are positional, as in torch
+    for index, p in enumerate(params):
+        for key, value in saved.get(index, {}).items():
+            if not isinstance(value, Tensor):
+                continue
+            if key == "step":  # a private copy: the caller's dict must not advance with us
+                optimizer.state[p][key] = value.detach().to(torch.float32, copy=True)
+            else:
+                optimizer.state[p][key] = value.detach().to(device=p.device, dtype=optimizer.state_dtype, copy=True)
+
+
+# ---------------------------------------------------------------------- the three named optimizers
+class L2ODM(LearnedOptimizer):
+    """L2O-DM (Andrychowicz et al. 2016): coordinate-wise 2-layer LSTM on LogAndSign gradients."""
+
+    rule_name = "dm"
+
+
+class RNNprop(LearnedOptimizer):
+    """RNNprop (Lv et al. 2017): coordinate-wise LSTM on bias-corrected Adam statistics."""
+
+    rule_name = "rnnprop"
+
+
+class L2OScale(LearnedOptimizer):
+    """L2O-Scale (Wichrowska et al. 2017): hierarchical per-coordinate / per-tensor / global GRUs."""
+
+    rule_name = "scale"

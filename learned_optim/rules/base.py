@@ -1,0 +1,99 @@
+"""The interface every update rule implements, and the small pieces the rules share.
+
+A rule is an ``nn.Module`` over a flat batch of coordinates::
+
+    state = rule.init_state(layout)               # layout: the parameter shapes, in order
+    update, state = rule(grad_flat, state, step)  # update = delta theta, *added* to theta
+
+``grad_flat`` is the concatenation of the flattened gradients of the tensors in ``layout``;
+``state`` is a dict of tensors; ``step`` is the 1-based step number (int or 0-d tensor).
+``forward`` is a pure function of its inputs (it never mutates ``state``) and differentiable
+with respect to the rule's weights, so the optimizer runs it under ``no_grad`` and the
+meta-trainer runs the very same module inside a differentiable unroll.
+
+Coordinate-wise rules (``coordinatewise = True``) treat every coordinate independently: any
+slice of the coordinates can be processed on its own, which is what lets the optimizer work in
+bounded chunks. Per-coordinate state tensors have the coordinates on dimension 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+State = Dict[str, Tensor]
+Layout = Sequence[Tuple[int, ...]]
+
+
+def layout_numels(layout: Layout) -> list[int]:
+    return [math.prod(shape) for shape in layout]
+
+
+class Rule(nn.Module):
+    """Base class of the learned update rules."""
+
+    #: registry name, written into weight files
+    name: str = ""
+    #: True when every coordinate is updated independently of the others
+    coordinatewise: bool = True
+
+    def state_kinds(self) -> dict[str, str]:
+        """How each state key is indexed: ``coord`` (one row per coordinate), ``tensor`` (one row per
+        tensor of the layout), ``global`` (one row for the whole layout) or ``layout`` (derived from
+        the layout, not stored)."""
+        return {"rnn": "coord"}
+
+    def config(self) -> dict:
+        """The constructor arguments, JSON-serialisable; ``type(self)(**config)`` rebuilds the rule."""
+        raise NotImplementedError
+
+    def init_state(self, layout: Layout, *, device=None, generator: torch.Generator | None = None) -> State:
+        raise NotImplementedError
+
+    def forward(self, grad: Tensor, state: State, step) -> Tuple[Tensor, State]:  # pragma: no cover
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.config().items())
+
+
+def truncated_normal_(tensor: Tensor, std: float) -> Tensor:
+    """Truncated normal at two standard deviations (sonnet's default initialiser)."""
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+
+def lstm_cell(x: Tensor, h: Tensor, c: Tensor, cell: nn.LSTMCell) -> Tuple[Tensor, Tensor]:
+    """One step of ``cell`` (same maths as ``nn.LSTMCell``, gate order i, f, g, o).
+
+    Written out so the two matrix products accumulate into one buffer and the gate
+    non-linearities run on one contiguous tensor; ``tests/test_rules.py`` checks it against
+    ``nn.LSTMCell`` itself.
+    """
+    gates = torch.addmm(cell.bias_ih + cell.bias_hh, x, cell.weight_ih.t())
+    gates = torch.addmm(gates, h, cell.weight_hh.t())
+    i, f, g, o = gates.chunk(4, dim=1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_new = torch.sigmoid(o) * torch.tanh(c_new)
+    return h_new, c_new
+
+
+def init_lstm_sonnet_(cell: nn.LSTMCell, forget_bias: float = 1.0) -> None:
+    """Sonnet-1 LSTM initialisation: weights truncated-normal with std 1/sqrt(fan_in) where
+    fan_in = input + hidden; biases zero except the forget gate (sonnet's ``forget_bias``)."""
+    hidden = cell.hidden_size
+    std = 1.0 / math.sqrt(cell.input_size + hidden)
+    with torch.no_grad():
+        truncated_normal_(cell.weight_ih, std)
+        truncated_normal_(cell.weight_hh, std)
+        cell.bias_ih.zero_()
+        cell.bias_hh.zero_()
+        cell.bias_ih[hidden : 2 * hidden] = forget_bias
+
+
+def init_linear_sonnet_(linear: nn.Linear) -> None:
+    with torch.no_grad():
+        truncated_normal_(linear.weight, 1.0 / math.sqrt(linear.in_features))
+        if linear.bias is not None:
+            linear.bias.zero_()

@@ -1,0 +1,175 @@
+"""L2O-Scale (Wichrowska et al. 2017), the hierarchical RNN optimizer, without attention.
+
+Three GRUs: per coordinate (10 units), per tensor (20) and global (20). Each coordinate sees 12
+features: 4 momentum timescales of the gradient, RMS-normalised and squashed with asinh; the 3
+products of neighbouring timescales; 4 log-mean-square deviations; and its log learning rate
+relative to the mean over the whole problem. The per-coordinate GRU receives a bias injected from
+the tensor and global GRUs. The update is an RMS-normalised direction (per tensor) times
+exp(log-lr), where log-lr has learned momentum.
+
+Structure note: the cells are standard ``nn.GRUCell`` modules (torch's GRU variant, reset gate
+applied after the hidden matrix product) plus injected biases on the input side, rather than
+the TF ``BiasGRUCell``; the initial constants (gate bias 2.2, weight scale 0.5/sqrt(fan_in),
+readout biases 3.2 and 2.2, step-size offset -1, lr momentum logit 3.2) follow the original.
+
+State: ``coord`` (N, 21) = [h (10) | momenta a (4) | mean squares ms (4) | log_lr | scl_decay | inp_decay],
+``tensor`` (T, 20), ``glob`` (1, 20), ``numels`` (T,) the tensor sizes of the layout.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import Rule, State, layout_numels
+
+NUM_SCALES = 4
+NUM_FEATURES = 3 * NUM_SCALES  # 4 + 3 + 4 + 1
+_H, _A, _MS = slice(0, 10), slice(10, 14), slice(14, 18)
+_LOGLR, _SCL, _INP = 18, 19, 20
+
+
+def _init_gru_(cell: nn.GRUCell, scale: float = 0.5, gate_bias: float = 2.2) -> None:
+    hidden = cell.hidden_size
+    with torch.no_grad():
+        nn.init.normal_(cell.weight_ih, std=scale / math.sqrt(cell.input_size + hidden))
+        nn.init.normal_(cell.weight_hh, std=scale / math.sqrt(cell.input_size + hidden))
+        cell.bias_ih.zero_()
+        cell.bias_hh.zero_()
+        cell.bias_ih[: 2 * hidden] = gate_bias  # reset and update gates
+
+
+def gru_cell(x: Tensor, h: Tensor, cell: nn.GRUCell, injected: Tensor | None = None) -> Tensor:
+    """``nn.GRUCell`` maths with an optional bias (…, 3*hidden) injected on the input side."""
+    gi = torch.addmm(cell.bias_ih, x, cell.weight_ih.t())
+    if injected is not None:
+        gi = gi + injected
+    gh = torch.addmm(cell.bias_hh, h, cell.weight_hh.t())
+    i_r, i_z, i_n = gi.chunk(3, dim=1)
+    h_r, h_z, h_n = gh.chunk(3, dim=1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return n + z * (h - n)
+
+
+class _ClampST(torch.autograd.Function):
+    """Clamp with a straight-through gradient (as the original's clipped log-lr)."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi):
+        return x.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+class L2OScaleRule(Rule):
+    name = "scale"
+    coordinatewise = False
+
+    def __init__(self, param_hidden: int = 10, tensor_hidden: int = 20, global_hidden: int = 20,
+                 min_lr: float = 1e-6, max_lr: float = 1e-2):
+        super().__init__()
+        if (param_hidden, tensor_hidden, global_hidden) != (10, 20, 20):
+            # the packed state layout below assumes the paper's sizes
+            raise ValueError("Invalid L2O-Scale sizes: only (10, 20, 20) is supported")
+        if not 0 < min_lr <= max_lr:
+            raise ValueError(f"Invalid learning-rate range: min_lr={min_lr}, max_lr={max_lr}")
+        self.param_hidden, self.tensor_hidden, self.global_hidden = param_hidden, tensor_hidden, global_hidden
+        self.min_lr, self.max_lr = float(min_lr), float(max_lr)
+        ph, th, gh = param_hidden, tensor_hidden, global_hidden
+        self.param_cell = nn.GRUCell(NUM_FEATURES, ph)
+        self.tensor_cell = nn.GRUCell(ph + NUM_FEATURES, th)
+        self.global_cell = nn.GRUCell(th, gh)
+        for cell in (self.param_cell, self.tensor_cell, self.global_cell):
+            _init_gru_(cell)
+        # injected biases
+        self.tensor_to_param = nn.Linear(th, 3 * ph)
+        self.global_to_param = nn.Linear(gh, 3 * ph, bias=False)
+        self.global_to_tensor = nn.Linear(gh, 3 * th)
+        for lin in (self.tensor_to_param, self.global_to_param, self.global_to_tensor):
+            nn.init.normal_(lin.weight, std=0.5 / math.sqrt(lin.in_features))
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        # readouts from the per-coordinate state
+        self.direction = nn.Linear(ph, 1, bias=False)
+        self.shortcut = nn.Linear(NUM_SCALES, 1, bias=False)
+        self.scl_decay = nn.Linear(ph, 1)
+        self.inp_decay = nn.Linear(ph, 1)
+        self.log_lr = nn.Linear(ph, 1)
+        with torch.no_grad():
+            for lin in (self.direction, self.scl_decay, self.inp_decay):
+                nn.init.normal_(lin.weight, std=0.5 / math.sqrt(ph))
+            nn.init.normal_(self.shortcut.weight, mean=1.0 / NUM_SCALES, std=0.05)
+            self.scl_decay.bias.fill_(3.2)
+            self.inp_decay.bias.fill_(2.2)
+            nn.init.zeros_(self.log_lr.weight)
+            nn.init.zeros_(self.log_lr.bias)
+        self.lr_momentum_logit = nn.Parameter(torch.tensor(3.2))
+        self.stepsize_offset = nn.Parameter(torch.tensor(-1.0))
+        # learned initial states
+        self.param_init = nn.Parameter(torch.empty(ph).uniform_(-1, 1))
+        self.tensor_init = nn.Parameter(torch.empty(th).uniform_(-1, 1))
+        self.global_init = nn.Parameter(torch.empty(gh).uniform_(-1, 1))
+
+    def config(self) -> dict:
+        return {"param_hidden": self.param_hidden, "tensor_hidden": self.tensor_hidden,
+                "global_hidden": self.global_hidden, "min_lr": self.min_lr, "max_lr": self.max_lr}
+
+    def state_kinds(self) -> dict[str, str]:
+        return {"coord": "coord", "tensor": "tensor", "glob": "global", "numels": "layout"}
+
+    def init_state(self, layout, *, device=None, generator=None) -> State:
+        numels = layout_numels(layout)
+        n, t = sum(numels), len(numels)
+        dev = device if device is not None else self.param_init.device
+        lo, hi = math.log(self.min_lr) / 2, math.log(self.max_lr) / 2
+        u = torch.rand(n + 1, generator=generator, device="cpu").to(dev)
+        log_lr = lo + (hi - lo) * u[:n] + (lo + (hi - lo) * u[n])
+        zeros = torch.zeros(n, 8, device=dev)
+        coord = torch.cat([self.param_init.to(dev).expand(n, -1), zeros, log_lr[:, None],
+                           torch.zeros(n, 2, device=dev)], dim=1)
+        return {"coord": coord, "tensor": self.tensor_init.to(dev).expand(t, -1).clone(),
+                "glob": self.global_init.to(dev)[None].clone(),
+                "numels": torch.tensor(numels, dtype=torch.long, device=dev)}
+
+    def forward(self, grad: Tensor, state: State, step):
+        coord, numels = state["coord"], state["numels"]
+        seg = torch.repeat_interleave(torch.arange(len(numels), device=grad.device), numels)
+        counts = numels.to(grad.dtype)[:, None]
+
+        def seg_mean(x: Tensor) -> Tensor:
+            return x.new_zeros(len(numels), x.shape[1]).index_add(0, seg, x) / counts
+
+        h, a_prev, ms_prev = coord[:, _H], coord[:, _A], coord[:, _MS]
+        log_lr, scl, inp = coord[:, _LOGLR], coord[:, _SCL], coord[:, _INP]
+        # momenta at 4 timescales, each twice the previous one
+        d = inp[:, None] ** (0.5 ** torch.arange(NUM_SCALES, device=grad.device, dtype=grad.dtype))
+        g = grad[:, None]
+        a = (1 - d) * g + d * a_prev
+        first = torch.as_tensor(step, device=grad.device) <= 1
+        sd = torch.where(first, torch.zeros_like(scl), scl)[:, None]
+        ms = (1 - sd) * (a * a + 1e-12) + sd * ms_prev
+        s = torch.asinh(a / torch.sqrt(ms + 1e-16))
+        log_ms = torch.log(ms + 1e-16)
+        feats = torch.cat([s, s[:, :-1] * s[:, 1:], log_ms - log_ms.mean(1, keepdim=True),
+                           (log_lr - log_lr.mean())[:, None]], dim=1)
+        tensor_h, glob_h = state["tensor"], state["glob"]
+        injected = self.tensor_to_param(tensor_h)[seg] + self.global_to_param(glob_h)
+        h_new = gru_cell(feats, h, self.param_cell, injected)
+        tensor_in = seg_mean(torch.cat([h_new, feats], dim=1))
+        tensor_new = gru_cell(tensor_in, tensor_h, self.tensor_cell, self.global_to_tensor(glob_h))
+        glob_new = gru_cell(tensor_new.mean(0, keepdim=True), glob_h, self.global_cell)
+        # outputs
+        direction = (self.direction(h_new) + self.shortcut(s)).squeeze(1)
+        direction = direction / torch.sqrt(seg_mean(direction[:, None] ** 2)[seg, 0] + 1e-16)
+        step_log_lr = _ClampST.apply(log_lr + self.log_lr(h_new).squeeze(1), -33.0, 33.0)
+        lrm = torch.sigmoid(self.lr_momentum_logit)
+        new_log_lr = lrm * log_lr + (1 - lrm) * step_log_lr
+        update = -torch.exp(step_log_lr + self.stepsize_offset) * direction
+        new_coord = torch.cat([h_new, a, ms, new_log_lr[:, None], torch.sigmoid(self.scl_decay(h_new)),
+                               torch.sigmoid(self.inp_decay(h_new))], dim=1)
+        return update, {"coord": new_coord, "tensor": tensor_new, "glob": glob_new, "numels": numels}
