@@ -163,6 +163,7 @@ def save_weights(rule: Rule, path: str | os.PathLike, *, recipe: dict | None = N
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
 

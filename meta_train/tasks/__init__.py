@@ -1,0 +1,98 @@
+"""Optimizees: ordinary ``nn.Module``s with their data, run through ``torch.func.functional_call``.
+
+A :class:`Task` owns the architecture and the dataset (one tensor on the device); parameters
+live outside it as one flat vector, so the unroll and the evaluation can treat them exactly as a
+learned optimizer does: ``task.loss(flat_params, batch)``. Parameters are initialised N(0, 0.01)
+(weights and biases alike, as in the paper's code); batches of 128 are drawn with replacement.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..data import load_dataset
+from .models import ConvNet, LeNet, MLP, NASCellNet
+
+# name -> (model factory given (in_channels, image_size), dataset)
+TASKS = {
+    "mlp-orig": (lambda c, s: MLP(c * s * s, (20,), nn.Sigmoid), "mnist"),
+    "mlp-relu": (lambda c, s: MLP(c * s * s, (20,), nn.ReLU), "mnist"),
+    "mlp-deeper": (lambda c, s: MLP(c * s * s, (20, 20), nn.Sigmoid), "mnist"),
+    "conv-mnist": (lambda c, s: ConvNet(c, s, stride=1), "mnist"),
+    "conv-cifar": (lambda c, s: ConvNet(c, s, stride=2), "cifar10"),
+    "lenet": (lambda c, s: LeNet(c, s), "mnist"),
+    "lenet-cifar": (lambda c, s: LeNet(c, s), "cifar10"),
+    "nas-cell": (lambda c, s: NASCellNet(c), "mnist"),
+    "nas-cifar": (lambda c, s: NASCellNet(c), "cifar10"),
+    "mlp-fashion": (lambda c, s: MLP(c * s * s, (20,), nn.Sigmoid), "fashion-mnist"),
+}
+
+
+@dataclass
+class Batch:
+    x: Tensor
+    y: Tensor
+
+
+class Task:
+    """An optimizee family: architecture + data; parameters are a flat vector."""
+
+    def __init__(self, name: str, *, train: bool, data_root=None, device="cpu", batch_size: int = 128,
+                 data: tuple[Tensor, Tensor] | None = None, init_std: float = 0.01):
+        if name not in TASKS:
+            raise ValueError(f"Unknown task {name!r}; known tasks: {sorted(TASKS)}")
+        factory, dataset = TASKS[name]
+        self.name, self.dataset, self.batch_size, self.init_std = name, dataset, batch_size, init_std
+        self.device = torch.device(device)
+        self.x, self.y = data if data is not None else load_dataset(dataset, train=train, root=data_root,
+                                                                     device=self.device)
+        self.x, self.y = self.x.to(self.device), self.y.to(self.device)
+        channels, size = self.x.shape[1], self.x.shape[-1]
+        self.module = factory(channels, size).to(self.device)
+        self.names = [n for n, _ in self.module.named_parameters()]
+        self.shapes = [tuple(p.shape) for _, p in self.module.named_parameters()]
+        self.numels = [math.prod(s) for s in self.shapes]
+        self.num_params = sum(self.numels)
+
+    @property
+    def layout(self) -> list[tuple[int, ...]]:
+        return list(self.shapes)
+
+    def init_params(self, generator: torch.Generator) -> Tensor:
+        """A fresh flat parameter vector, N(0, init_std), drawn from ``generator`` (on the CPU for
+        reproducibility across devices)."""
+        return (torch.randn(self.num_params, generator=generator) * self.init_std).to(self.device)
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.numels), self.shapes)}
+
+    def sample_batch(self, generator: torch.Generator) -> Batch:
+        idx = torch.randint(len(self.y), (self.batch_size,), generator=generator).to(self.device)
+        return Batch(self.x[idx], self.y[idx])
+
+    def loss(self, flat: Tensor, batch: Batch) -> Tensor:
+        logits = functional_call(self.module, self.unflatten(flat), (batch.x,))
+        return F.cross_entropy(logits, batch.y)
+
+    def loss_and_grad(self, flat: Tensor, batch: Batch, *, keep_graph: bool = False) -> tuple[Tensor, Tensor]:
+        """Loss at ``flat`` and its gradient (detached: first-order, as in the paper's code).
+
+        ``keep_graph``: ``flat`` is part of a meta-graph and the loss will be back-propagated again.
+        """
+        if keep_graph:
+            loss = self.loss(flat, batch)
+            (grad,) = torch.autograd.grad(loss, flat, retain_graph=True)
+            return loss, grad.detach()
+        with torch.enable_grad():
+            leaf = flat.detach().requires_grad_(True)
+            loss = self.loss(leaf, batch)
+            (grad,) = torch.autograd.grad(loss, leaf)
+        return loss.detach(), grad
+
+
+__all__ = ["TASKS", "Task", "Batch"]

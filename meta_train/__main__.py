@@ -1,0 +1,98 @@
+"""python -m meta_train --model {dm,rnnprop,scale} [--curriculum] [--imitation] ... --out DIR
+
+Meta-trains a learned optimizer with the techniques of Chen et al. (NeurIPS 2020) and writes
+DIR/weights.safetensors (loadable by learned_optim), DIR/log.jsonl, DIR/checkpoint.pt and
+DIR/training.png. Several processes: torchrun --nproc_per_node N -m meta_train ...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .trainer import MODEL_DEFAULTS, Config, main_train
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"imitation ratios must lie in [0, 1], got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .tasks import TASKS
+
+    ap = argparse.ArgumentParser(prog="python -m meta_train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, choices=sorted(MODEL_DEFAULTS), help="which update rule to train")
+    ap.add_argument("--curriculum", action="store_true",
+                    help="Algorithm 1: grow the training horizon N_train through --horizons, validating at the next "
+                         "stage's horizon; stop when a stage brings no improvement")
+    ap.add_argument("--imitation", action="store_true",
+                    help="Algorithm 2: with probability r an epoch imitates an analytical optimizer (--teacher) "
+                         "off-policy instead of minimising the optimizee loss")
+    ap.add_argument("--self-improving", action="store_true",
+                    help="Section 4.2 baseline: mix Adam/SGD/Adagrad steps into the rule's trajectories with "
+                         "probability annealed to 0 over 100 epochs")
+    ap.add_argument("--aug", action="store_true",
+                    help="Section 3.1 AUG: longer trajectories (N_train=500) and 5000 epochs of fresh optimizees")
+    ap.add_argument("--task", default="mlp-orig", choices=sorted(TASKS), help="the training optimizee")
+    ap.add_argument("--out", required=True, help="output directory (weights, log, checkpoint, plot)")
+    ap.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt if it exists")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--data-root", default=None,
+                    help="torchvision dataset root (default $LEARNED_OPTIM_DATA, else ~/.cache/learned_optim/data)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the rule init, optimizees, batches and coin flips")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="cap on the total number of epochs of the run (default: the paper's, per model)")
+    ap.add_argument("--horizons", type=_ints, default=None,
+                    help="N_train per stage, e.g. 100,200,500 (curriculum) or the single horizon without it")
+    ap.add_argument("--unroll", type=int, default=20, help="truncation length of the unrolled BPTT")
+    ap.add_argument("--eval-every", type=int, default=None, help="epochs between validations (T_period)")
+    ap.add_argument("--eval-runs", type=int, default=None, help="fresh optimizees per validation")
+    ap.add_argument("--imitation-ratio", type=_floats, default=None,
+                    help="probability r of an imitation epoch; comma list = one value per curriculum stage "
+                         "(last one reused)")
+    ap.add_argument("--teacher", default="adam", choices=["adam", "sgd", "adagrad", "rmsprop"],
+                    help="the analytical optimizer imitated")
+    ap.add_argument("--teacher-lr", type=float, default=0.01, help="learning rate of the teacher")
+    ap.add_argument("--meta-lr", type=float, default=None,
+                    help="meta-optimizer learning rate (default Adam 1e-3 for dm/rnnprop, RMSprop 1e-6 for scale)")
+    ap.add_argument("--min-evals", type=int, default=3, help="N_period: validations per stage at least")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return ap
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    for name in ("epochs", "unroll", "eval_every", "eval_runs", "min_evals"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = Config(model=args.model, out=args.out, curriculum=args.curriculum, imitation=args.imitation,
+                 self_improving=args.self_improving, aug=args.aug, task=args.task, device=args.device,
+                 data_root=args.data_root, seed=args.seed, epochs=args.epochs, horizons=args.horizons,
+                 unroll=args.unroll, eval_every=args.eval_every, eval_runs=args.eval_runs,
+                 imitation_ratio=args.imitation_ratio, teacher=args.teacher, teacher_lr=args.teacher_lr,
+                 meta_lr=args.meta_lr, min_evals=args.min_evals, progress=not args.no_progress, resume=args.resume)
+    path = main_train(cfg)
+    print(path, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

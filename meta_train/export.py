@@ -1,0 +1,62 @@
+"""rule + provenance -> .safetensors + model card; bundling a finished run into ``pretrained/``.
+
+    python -m meta_train.export RUN_DIR NAME [--pretrained-dir pretrained]
+
+copies ``RUN_DIR/weights.safetensors`` to ``pretrained/NAME.safetensors`` with the run's
+wall-clock (from ``log.jsonl``) and an optional evaluation summary added to its metadata, writes
+the model card ``pretrained/NAME.md`` and pins the file's sha256 in ``pretrained/registry.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from learned_optim.rules import Rule
+from learned_optim.weights import load_rule, model_card, read_metadata, save_weights, sha256_file
+
+
+def export_weights(rule: Rule, path: Path, *, recipe: dict, evaluation: dict | None = None) -> Path:
+    return save_weights(rule, path, recipe=recipe, evaluation=evaluation)
+
+
+def bundle(run_dir: Path, name: str, pretrained_dir: Path, evaluation: dict | None = None,
+           notes: str | None = None) -> Path:
+    src = Path(run_dir) / "weights.safetensors"
+    meta = read_metadata(src)
+    recipe = dict(meta["recipe"])
+    log = Path(run_dir) / "log.jsonl"
+    if log.exists():
+        lines = [json.loads(l) for l in log.read_text().splitlines() if l.strip()]
+        elapsed = [r["elapsed"] for r in lines if "elapsed" in r]
+        if elapsed:
+            recipe["wall_clock_s"] = elapsed[-1]
+    if notes:
+        recipe["notes"] = notes
+    rule = load_rule(src)
+    pretrained_dir.mkdir(parents=True, exist_ok=True)
+    dst = pretrained_dir / f"{name}.safetensors"
+    save_weights(rule, dst, recipe=recipe, evaluation=evaluation or meta["evaluation"])
+    (pretrained_dir / f"{name}.md").write_text(model_card(dst, name=name))
+    reg_path = pretrained_dir / "registry.json"
+    reg = json.loads(reg_path.read_text()) if reg_path.exists() else {}
+    reg[name] = {"file": dst.name, "sha256": sha256_file(dst), "rule": meta["rule"]}
+    reg_path.write_text(json.dumps(dict(sorted(reg.items())), indent=2) + "\n")
+    return dst
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m meta_train.export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("name")
+    ap.add_argument("--pretrained-dir", type=Path, default=Path("pretrained"))
+    ap.add_argument("--evaluation", type=Path, help="JSON file with an evaluation summary to embed")
+    ap.add_argument("--notes", help="free text recorded in the recipe (e.g. how the recipe was shortened)")
+    args = ap.parse_args(argv)
+    evaluation = json.loads(args.evaluation.read_text()) if args.evaluation else None
+    print(bundle(args.run_dir, args.name, args.pretrained_dir, evaluation, args.notes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""The meta-training loop: meta-optimizer, curriculum, imitation, checkpoints/resume, logging,
+``torch.distributed``.
+
+One epoch = one fresh optimizee trained for ``N_train`` steps, cut into truncations of ``unroll``
+steps, one meta-step per truncation (or, with probability r, the same for imitation). Every
+``eval_every`` epochs the rule is validated on fresh optimizees at ``N_valid`` steps.
+
+Resume contract: everything random comes from streams stored in the checkpoint (the data/init
+generator of each rank, the imitation coin flips) or derived from counters (validation), so a
+run of E epochs and a run of E1 < E epochs followed by ``--resume`` to E end bit-identical.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from learned_optim.rules import Rule, build_rule
+
+from .curriculum import ADVANCE, IMPROVED, STOP, Curriculum
+from .export import export_weights
+from .imitation import SelfImproving, Teacher, imitation_unroll
+from .tasks import Task
+from .unroll import meta_unroll, rollout, start
+
+# the paper's defaults per model (reference §1-4)
+MODEL_DEFAULTS = {
+    "dm": dict(meta_optimizer="adam", meta_lr=1e-3, objective="sum", horizon=100, epochs=10000, eval_every=100,
+               eval_runs=20, horizons=[100, 200, 500, 1000, 1500, 2000, 2500, 3000],
+               imitation_ratios_cl=[0.0, 0.1, 0.3], imitation_ratio=0.3),
+    "rnnprop": dict(meta_optimizer="adam", meta_lr=1e-3, objective="sum", horizon=100, epochs=100, eval_every=10,
+                    eval_runs=20, horizons=[100, 200, 500, 1000, 1500, 2000, 2500, 3000],
+                    imitation_ratios_cl=[0.3], imitation_ratio=0.3),
+    "scale": dict(meta_optimizer="rmsprop", meta_lr=1e-6, objective="log_ratio", horizon=100, epochs=100,
+                  eval_every=1, eval_runs=5,
+                  horizons=[100, 200, 500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 4500, 5000],
+                  imitation_ratios_cl=[0.1], imitation_ratio=0.1),
+}
+GRAD_CLIP_SCALE = 1e4  # L2O-Scale: meta-gradients made finite, then value-clipped
+
+
+@dataclass
+class Config:
+    model: str
+    out: str
+    curriculum: bool = False
+    imitation: bool = False
+    self_improving: bool = False
+    aug: bool = False
+    task: str = "mlp-orig"
+    device: str = "cpu"
+    data_root: str | None = None
+    seed: int = 0
+    epochs: int | None = None
+    horizons: list[int] | None = None
+    unroll: int = 20
+    eval_every: int | None = None
+    eval_runs: int | None = None
+    imitation_ratio: list[float] | None = None
+    teacher: str = "adam"
+    teacher_lr: float = 0.01
+    teachers_self_improving: list[str] = field(default_factory=lambda: ["adam", "sgd", "adagrad"])
+    meta_lr: float | None = None
+    min_evals: int = 3
+    progress: bool = True
+    resume: bool = False
+
+    def resolved(self) -> dict:
+        d = MODEL_DEFAULTS[self.model]
+        horizons = self.horizons or (d["horizons"] if self.curriculum else [500 if self.aug else d["horizon"]])
+        if self.imitation_ratio is not None:
+            ratios = self.imitation_ratio
+        else:
+            ratios = d["imitation_ratios_cl"] if self.curriculum else [d["imitation_ratio"]]
+        epochs = self.epochs if self.epochs is not None else (5000 if self.aug else d["epochs"])
+        return dict(horizons=list(horizons), imitation_ratios=list(ratios) if self.imitation else [0.0],
+                    epochs=epochs, eval_every=self.eval_every or d["eval_every"],
+                    eval_runs=self.eval_runs or d["eval_runs"], meta_lr=self.meta_lr or d["meta_lr"],
+                    meta_optimizer=d["meta_optimizer"], objective=d["objective"])
+
+
+def _git_version() -> str:
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _make_meta_optimizer(kind: str, params, lr: float):
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    # TF RMSProp with decay 0.9 and epsilon 1e-20 inside the square root
+    return torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-10)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.r = cfg.resolved()
+        self.out = Path(cfg.out)
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)  # the rule's fresh initialisation: identical on every rank
+        self.rule: Rule = build_rule(cfg.model).to(self.device)
+        self.task = Task(cfg.task, train=True, data_root=cfg.data_root, device=self.device)
+        self.meta_opt = _make_meta_optimizer(self.r["meta_optimizer"], self.rule.parameters(), self.r["meta_lr"])
+        # imitation has its own meta-optimizer for DM/RNNprop; L2O-Scale shares its RMSprop (as the original)
+        self.il_opt = (self.meta_opt if cfg.model == "scale"
+                       else _make_meta_optimizer(self.r["meta_optimizer"], self.rule.parameters(), self.r["meta_lr"]))
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
+        self.coin = random.Random(cfg.seed)  # shared by all ranks: every rank takes the same kind of epoch
+        self.curriculum = Curriculum(self.r["horizons"], min_evals=cfg.min_evals) if cfg.curriculum else None
+        self.best_state = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
+        self.best_val = math.inf
+        self.epoch = 0
+        self.num_evals = 0
+        self.elapsed = 0.0
+        self.stop_reason = ""
+        self.self_improving = SelfImproving(cfg.teachers_self_improving) if cfg.self_improving else None
+        self._signal = None
+        self.log_path, self.ckpt_path = self.out / "log.jsonl", self.out / "checkpoint.pt"
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def stage(self) -> int:
+        return self.curriculum.stage if self.curriculum else 0
+
+    @property
+    def train_horizon(self) -> int:
+        return self.curriculum.train_horizon if self.curriculum else self.r["horizons"][0]
+
+    @property
+    def valid_horizon(self) -> int:
+        return self.curriculum.valid_horizon if self.curriculum else self.r["horizons"][0]
+
+    def imitation_ratio(self) -> float:
+        ratios = self.r["imitation_ratios"]
+        return ratios[min(self.stage, len(ratios) - 1)]
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.rank == 0:
+            with open(self.log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def _average_gradients(self) -> None:
+        if self.world == 1:
+            return
+        for p in self.rule.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= self.world
+
+    def _meta_step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self._average_gradients()
+        if self.cfg.model == "scale":
+            for p in self.rule.parameters():
+                if p.grad is not None:
+                    p.grad.nan_to_num_(0.0, GRAD_CLIP_SCALE, -GRAD_CLIP_SCALE).clamp_(-GRAD_CLIP_SCALE,
+                                                                                        GRAD_CLIP_SCALE)
+        opt.step()
+
+    # ------------------------------------------------------------------ epochs
+    def run_epoch(self) -> dict:
+        horizon, unroll = self.train_horizon, self.cfg.unroll
+        imitation = self.cfg.imitation and self.coin.random() < self.imitation_ratio()
+        traj = start(self.rule, self.task, self.gen)
+        losses, meta_losses = [], []
+        if imitation:
+            teacher = Teacher(self.cfg.teacher, traj.theta, lr=self.cfg.teacher_lr)
+        override = None
+        if self.self_improving is not None and not imitation:
+            self.self_improving.begin_epoch(traj.theta)
+            override = self.self_improving.override(self.epoch, self.coin)
+        for _ in range(math.ceil(horizon / unroll)):
+            if imitation:
+                loss, traj = imitation_unroll(self.rule, self.task, traj, teacher, unroll, self.gen)
+                self._meta_step(self.il_opt, loss)
+            else:
+                loss, traj, values = meta_unroll(self.rule, self.task, traj, unroll, self.gen,
+                                                 objective=self.r["objective"], step_override=override)
+                losses.extend(values)
+                if not math.isfinite(float(loss.detach())):
+                    break  # a diverged optimizee: skip the rest of the trajectory, keep the rule
+                self._meta_step(self.meta_opt, loss)
+            meta_losses.append(float(loss.detach()))
+        return {"type": "epoch", "epoch": self.epoch + 1, "stage": self.stage, "horizon": horizon,
+                "kind": "imitation" if imitation else "meta", "meta_loss": sum(meta_losses) / max(len(meta_losses), 1),
+                "final_loss": losses[-1] if losses else None,
+                "mean_ln_loss": (sum(math.log(max(v, 1e-30)) for v in losses) / len(losses)) if losses else None}
+
+    def validate(self, horizon: int) -> float:
+        """Mean over fresh optimizees of the mean loss of the last 10 steps (lower is better)."""
+        self.num_evals += 1
+        runs = self.r["eval_runs"]
+        mine = range(self.rank, runs, self.world)
+        finals = []
+        was_training = self.rule.training
+        self.rule.eval()
+        for i in mine:
+            gen = torch.Generator().manual_seed(10_000_019 * (self.cfg.seed + 1) + 7919 * self.num_evals + i)
+            losses = rollout(self.rule, self.task, horizon, gen)
+            tail = losses[-10:]
+            finals.append(sum(tail) / len(tail) if len(losses) == horizon and all(map(math.isfinite, tail))
+                          else math.inf)
+        self.rule.train(was_training)
+        total = torch.tensor([sum(finals), float(len(finals))], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(total)
+        return float(total[0] / total[1])
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self) -> None:
+        gens = [self.gen.get_state()]
+        if self.world > 1:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, self.gen.get_state())
+            gens = gathered
+        if self.rank != 0:
+            return
+        state = {
+            "version": 1, "config": self.cfg.__dict__, "resolved": self.r, "epoch": self.epoch,
+            "num_evals": self.num_evals, "elapsed": self.elapsed, "rule": self.rule.state_dict(),
+            "meta_opt": self.meta_opt.state_dict(), "il_opt": self.il_opt.state_dict(),
+            "best_state": self.best_state, "best_val": self.best_val,
+            "curriculum": self.curriculum.to_dict() if self.curriculum else None,
+            "generators": gens, "coin": self.coin.getstate(), "stop_reason": self.stop_reason,
+            "log_offset": self.log_path.stat().st_size if self.log_path.exists() else 0,
+            "world_size": self.world,
+        }
+        tmp = self.ckpt_path.with_name(self.ckpt_path.name + ".tmp")
+        torch.save(state, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.ckpt_path)
+
+    def _restore(self) -> None:
+        ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        if ckpt["world_size"] != self.world:
+            raise RuntimeError(f"checkpoint was written by {ckpt['world_size']} process(es); resume with the same "
+                               f"number (now {self.world})")
+        saved = {k: v for k, v in ckpt["config"].items() if k not in ("epochs", "resume", "progress", "device",
+                                                                       "data_root", "out")}
+        now = {k: v for k, v in self.cfg.__dict__.items() if k in saved}
+        if saved != now:
+            diff = {k: (saved[k], now[k]) for k in saved if saved[k] != now.get(k)}
+            raise RuntimeError(f"--resume with a different recipe than the checkpoint: {diff}")
+        self.rule.load_state_dict(ckpt["rule"])
+        self.meta_opt.load_state_dict(ckpt["meta_opt"])
+        if self.il_opt is not self.meta_opt:
+            self.il_opt.load_state_dict(ckpt["il_opt"])
+        self.best_state = {k: v.to(self.device) for k, v in ckpt["best_state"].items()}
+        self.best_val, self.epoch, self.num_evals = ckpt["best_val"], ckpt["epoch"], ckpt["num_evals"]
+        self.elapsed, self.stop_reason = ckpt["elapsed"], ckpt["stop_reason"]
+        if ckpt["curriculum"] is not None:
+            self.curriculum = Curriculum.from_dict(ckpt["curriculum"])
+        self.gen.set_state(ckpt["generators"][self.rank])
+        self.coin.setstate(ckpt["coin"])
+        if self.rank == 0 and self.log_path.exists():  # drop log lines written after the checkpoint
+            with open(self.log_path, "r+") as fh:
+                fh.truncate(ckpt["log_offset"])
+        if self.log_path.exists():
+            self.history = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+
+    # ------------------------------------------------------------------ main loop
+    def _on_signal(self, signum, frame):
+        self._signal = signum
+
+    def _after_validation(self, val: float) -> bool:
+        """Model selection / curriculum bookkeeping; returns True when training should stop."""
+        record = {"type": "eval", "epoch": self.epoch, "stage": self.stage, "horizon": self.valid_horizon,
+                  "val_loss": val}
+        if self.curriculum is None:
+            if val < self.best_val:
+                self.best_val = val
+                self.best_state = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
+                record["action"] = IMPROVED
+            self._log(record)
+            return False
+        action = self.curriculum.observe(val)
+        record["action"] = action
+        self._log(record)
+        if action == IMPROVED:
+            self.best_val = val
+            self.best_state = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
+        elif action == ADVANCE:
+            self.rule.load_state_dict(self.best_state)
+            baseline = self.validate(self.curriculum.valid_horizon)
+            self.curriculum.set_baseline(baseline)
+            self.best_val = baseline
+            self._log({"type": "eval", "epoch": self.epoch, "stage": self.stage, "horizon": self.valid_horizon,
+                       "val_loss": baseline, "action": "baseline"})
+        elif action == STOP:
+            self.stop_reason = (f"curriculum finished at stage {self.stage} (horizon {self.train_horizon})"
+                                if self.curriculum.last_stage and self.curriculum.improved
+                                else f"no improvement in stage {self.stage} (horizon {self.train_horizon})")
+            return True
+        return False
+
+    def train(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.cfg.resume and self.ckpt_path.exists():
+            self._restore()
+        elif self.rank == 0 and self.log_path.exists():
+            self.log_path.unlink()
+        handlers = {}
+        if threading_main():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers[sig] = signal.signal(sig, self._on_signal)
+        try:
+            self._loop()
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+        return self.finish()
+
+    def _loop(self) -> None:
+        from tqdm.auto import tqdm
+
+        done = bool(self.stop_reason) or (self.curriculum is not None and self.curriculum.done)
+        bar = tqdm(total=self.r["epochs"], initial=self.epoch, disable=not self.cfg.progress or self.rank != 0,
+                   desc=f"meta-train {self.cfg.model}", dynamic_ncols=True)
+        while not done and self.epoch < self.r["epochs"]:
+            t0 = time.perf_counter()
+            record = self.run_epoch()
+            self.epoch += 1
+            self.elapsed += time.perf_counter() - t0
+            record["elapsed"] = round(self.elapsed, 3)
+            self._log(record)
+            bar.update(1)
+            bar.set_postfix(stage=self.stage, N=self.train_horizon, kind=record["kind"][:4],
+                            best=f"{self.best_val:.4g}")
+            if self.epoch % self.r["eval_every"] == 0:
+                t0 = time.perf_counter()
+                done = self._after_validation(self.validate(self.valid_horizon))
+                self.elapsed += time.perf_counter() - t0
+                self._checkpoint()
+                self.export()
+            if self._signal is not None:
+                self._checkpoint()
+                bar.close()
+                raise SystemExit(128 + int(self._signal))
+        if self.epoch >= self.r["epochs"] and not self.stop_reason:
+            self.stop_reason = f"epoch cap {self.r['epochs']} reached"
+        bar.close()
+        self._checkpoint()
+
+    def recipe(self) -> dict:
+        return {"model": self.cfg.model, "task": self.cfg.task, "dataset": self.task.dataset + " (train split)",
+                "curriculum": self.cfg.curriculum, "imitation": self.cfg.imitation,
+                "self_improving": self.cfg.self_improving, "aug": self.cfg.aug, "seed": self.cfg.seed,
+                "horizons": self.r["horizons"], "unroll": self.cfg.unroll, "epochs_cap": self.r["epochs"],
+                "epochs_run": self.epoch, "eval_every": self.r["eval_every"], "eval_runs": self.r["eval_runs"],
+                "imitation_ratios": self.r["imitation_ratios"], "teacher": self.cfg.teacher,
+                "teacher_lr": self.cfg.teacher_lr, "meta_optimizer": self.r["meta_optimizer"],
+                "meta_lr": self.r["meta_lr"], "objective": self.r["objective"],
+                "stage_reached": self.stage, "horizon_reached": self.train_horizon,
+                "best_val_loss": self.best_val, "stop_reason": self.stop_reason or "running",
+                "world_size": self.world, "code_version": _git_version()}
+        # wall-clock is in log.jsonl and added when a run is bundled (meta_train.export): keeping it out of
+        # the run's own weight file is what makes an interrupted-and-resumed run bit-identical to a straight one
+
+    def export(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        best = build_rule(self.cfg.model, self.rule.config())
+        best.load_state_dict({k: v.cpu() for k, v in self.best_state.items()})
+        path = export_weights(best, self.out / "weights.safetensors", recipe=self.recipe())
+        self.plot()
+        return path
+
+    def finish(self) -> Path:
+        path = self.export()
+        if self.world > 1:
+            dist.barrier()
+        return path or self.out / "weights.safetensors"
+
+    def plot(self) -> None:
+        from .plots import plot_training
+
+        plot_training(self.history, self.out / "training.png", title=f"{self.cfg.model} on {self.cfg.task}")
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def setup_distributed(device: str) -> None:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+
+
+def main_train(cfg: Config) -> Path:
+    setup_distributed(cfg.device)
+    if cfg.device.startswith("cuda") and dist.is_initialized():
+        cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    try:
+        return Trainer(cfg).train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+__all__ = ["Config", "Trainer", "MODEL_DEFAULTS", "main_train", "setup_distributed", "sys"]
