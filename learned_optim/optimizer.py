@@ -163,10 +163,10 @@ class LearnedOptimizer(Optimizer):
             n = _real_view(p).numel()
             st: dict[str, Tensor] = {"step": torch.tensor(0.0)}
             for key, kind in kinds.items():
-                if kind == "coord":
-                    st[key] = init[key][offsets["coord"]: offsets["coord"] + n].to(p.device, self.state_dtype).clone()
-                elif kind == "tensor":
-                    st[key] = init[key][offsets["tensor"]: offsets["tensor"] + 1].to(p.device, self.state_dtype).clone()
+                if kind in ("coord", "tensor"):  # feature-major: coordinates / tensors on the last dim
+                    start = offsets[kind]
+                    st[key] = init[key][..., start: start + (n if kind == "coord" else 1)].to(
+                        p.device, self.state_dtype).contiguous()
             offsets["coord"] += n
             offsets["tensor"] += 1
             self.state[p] = st
@@ -214,8 +214,8 @@ class LearnedOptimizer(Optimizer):
             g = -g
         state = {}
         for k in keys:
-            parts = [self.state[p][k][s: s + n] for p, s, n in chunk]
-            state[k] = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(torch.float32)
+            parts = [self.state[p][k][..., s: s + n] for p, s, n in chunk]
+            state[k] = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(torch.float32)
         if len(chunk) == 1:
             step = self.state[chunk[0][0]]["step"].to(g.device)
         else:
@@ -227,7 +227,7 @@ class LearnedOptimizer(Optimizer):
         for p, s, n in chunk:
             rows = slice(offset, offset + n)
             for k in keys:
-                self.state[p][k][s: s + n].copy_(new_state[k][rows])
+                self.state[p][k][..., s: s + n].copy_(new_state[k][..., rows])
             self._apply_update(p, update[rows], s, lr)
             offset += n
 
@@ -256,7 +256,7 @@ class LearnedOptimizer(Optimizer):
         state: dict[str, Tensor] = {}
         for key, kind in kinds.items():
             if kind in ("coord", "tensor"):
-                state[key] = torch.cat([self.state[p][key] for p in params]).to(torch.float32)
+                state[key] = torch.cat([self.state[p][key] for p in params], dim=-1).to(torch.float32)
             elif kind == "global":
                 state[key] = owner[f"group_{key}"].to(torch.float32)
             elif kind == "layout":
@@ -270,9 +270,9 @@ class LearnedOptimizer(Optimizer):
             n = _real_view(p).numel()
             for key, kind in kinds.items():
                 if kind == "coord":
-                    self.state[p][key].copy_(new_state[key][offset: offset + n])
+                    self.state[p][key].copy_(new_state[key][..., offset: offset + n])
                 elif kind == "tensor":
-                    self.state[p][key].copy_(new_state[key][i: i + 1])
+                    self.state[p][key].copy_(new_state[key][..., i: i + 1])
             self._apply_update(p, update[offset: offset + n], 0, lr)
             offset += n
         for key, kind in kinds.items():

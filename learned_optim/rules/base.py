@@ -13,7 +13,12 @@ meta-trainer runs the very same module inside a differentiable unroll.
 
 Coordinate-wise rules (``coordinatewise = True``) treat every coordinate independently: any
 slice of the coordinates can be processed on its own, which is what lets the optimizer work in
-bounded chunks. Per-coordinate state tensors have the coordinates on dimension 0.
+bounded chunks.
+
+Layout of the tensors: per-coordinate state tensors are *feature-major*, shape (features, N), with
+the coordinates on the last dimension. Every gate or feature is then a contiguous row block, so
+the element-wise maths runs on contiguous memory (strided column slices of an (N, features)
+tensor are several times slower on the CPU).
 """
 from __future__ import annotations
 
@@ -40,9 +45,9 @@ class Rule(nn.Module):
     coordinatewise: bool = True
 
     def state_kinds(self) -> dict[str, str]:
-        """How each state key is indexed: ``coord`` (one row per coordinate), ``tensor`` (one row per
-        tensor of the layout), ``global`` (one row for the whole layout) or ``layout`` (derived from
-        the layout, not stored)."""
+        """How each state key is indexed on its last dimension: ``coord`` (one column per coordinate),
+        ``tensor`` (one column per tensor of the layout), ``global`` (one column for the whole layout)
+        or ``layout`` (derived from the layout, not stored)."""
         return {"rnn": "coord"}
 
     def config(self) -> dict:
@@ -65,15 +70,15 @@ def truncated_normal_(tensor: Tensor, std: float) -> Tensor:
 
 
 def lstm_cell(x: Tensor, h: Tensor, c: Tensor, cell: nn.LSTMCell) -> Tuple[Tensor, Tensor]:
-    """One step of ``cell`` (same maths as ``nn.LSTMCell``, gate order i, f, g, o).
+    """One step of ``cell`` on feature-major tensors: x (in, N), h and c (hidden, N).
 
-    Written out so the two matrix products accumulate into one buffer and the gate
-    non-linearities run on one contiguous tensor; ``tests/test_rules.py`` checks it against
-    ``nn.LSTMCell`` itself.
+    Same maths as ``nn.LSTMCell`` (gate order i, f, g, o; ``tests/test_rules.py`` checks it against
+    ``nn.LSTMCell`` itself), written so the two matrix products accumulate into one buffer and
+    every gate is a contiguous block of rows.
     """
-    gates = torch.addmm(cell.bias_ih + cell.bias_hh, x, cell.weight_ih.t())
-    gates = torch.addmm(gates, h, cell.weight_hh.t())
-    i, f, g, o = gates.chunk(4, dim=1)
+    weight = torch.cat((cell.weight_ih, cell.weight_hh), dim=1)
+    gates = torch.addmm((cell.bias_ih + cell.bias_hh)[:, None], weight, torch.cat((x, h), dim=0))
+    i, f, g, o = gates.chunk(4, dim=0)
     c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     h_new = torch.sigmoid(o) * torch.tanh(c_new)
     return h_new, c_new

@@ -2,7 +2,8 @@
 
 LogAndSign preprocessing (k=5) -> LSTMCell(2, 20) -> LSTMCell(20, 20) -> Linear(20, 1) x 0.01,
 shared by every coordinate; the output is added to the parameter. The forget-gate bias starts
-at +1 (sonnet's ``forget_bias``). State per coordinate: (h, c) of each layer = 80 floats.
+at +1 (sonnet's ``forget_bias``). State: ``rnn`` (80, N) = rows [h1; c1; h2; c2], 80 floats per
+coordinate.
 """
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ _EPS = float(torch.finfo(torch.float32).eps)
 
 
 def log_and_sign(grad: Tensor, k: float) -> Tensor:
-    """(N,) -> (N, 2): [max(log(|g| + eps) / k, -1), clip(g * e^k, -1, 1)]."""
+    """(N,) -> (2, N): [max(log(|g| + eps) / k, -1), clip(g * e^k, -1, 1)]."""
     log = torch.clamp(torch.log(grad.abs() + _EPS) / k, min=-1.0)
     sign = torch.clamp(grad * math.exp(k), -1.0, 1.0)
-    return torch.stack((log, sign), dim=1)
+    return torch.stack((log, sign), dim=0)
 
 
 class L2ODMRule(Rule):
@@ -51,14 +52,14 @@ class L2ODMRule(Rule):
 
     def init_state(self, layout, *, device=None, generator=None) -> State:
         n = sum(layout_numels(layout))
-        return {"rnn": torch.zeros(n, self.state_width, device=device)}
+        return {"rnn": torch.zeros(self.state_width, n, device=device)}
 
     def forward(self, grad: Tensor, state: State, step=None):
         x = log_and_sign(grad, self.k)
-        parts = state["rnn"].split(self.hidden_size, dim=1)
+        parts = state["rnn"].split(self.hidden_size, dim=0)
         new = []
         for layer, cell in enumerate(self.cells):
             x, c = lstm_cell(x, parts[2 * layer], parts[2 * layer + 1], cell)
             new += [x, c]
-        update = self.output(x).squeeze(1) * self.output_scale
-        return update, {"rnn": torch.cat(new, dim=1)}
+        update = torch.addmm(self.output.bias[:, None], self.output.weight, x).squeeze(0) * self.output_scale
+        return update, {"rnn": torch.cat(new, dim=0)}

@@ -2,7 +2,8 @@
 
 Inputs per coordinate: bias-corrected Adam statistics [m_hat / (sqrt(v_hat) + eps), g / (sqrt(v_hat) + eps)]
 with beta1 = beta2 = 0.95 -> Linear(2, 20) + ELU -> LSTMCell(20, 20) x 2 -> Linear(20, 1) -> tanh x 0.01,
-added to the parameter. State per coordinate: m, v and (h, c) of both layers = 82 floats.
+added to the parameter. State: ``mv`` (2, N) = rows [m; v] and ``rnn`` (80, N) = rows
+[h1; c1; h2; c2], 82 floats per coordinate.
 """
 from __future__ import annotations
 
@@ -50,24 +51,24 @@ class RNNpropRule(Rule):
 
     def init_state(self, layout, *, device=None, generator=None) -> State:
         n = sum(layout_numels(layout))
-        return {"mv": torch.zeros(n, 2, device=device), "rnn": torch.zeros(n, self.state_width, device=device)}
+        return {"mv": torch.zeros(2, n, device=device), "rnn": torch.zeros(self.state_width, n, device=device)}
 
     def features(self, grad: Tensor, mv: Tensor, step) -> tuple[Tensor, Tensor]:
-        """Bias-corrected moment features (N, 2) and the new (m, v) state."""
-        m = torch.lerp(grad, mv[:, 0], self.beta1)
-        v = torch.lerp(grad * grad, mv[:, 1], self.beta2)
+        """Bias-corrected moment features (2, N) and the new (m, v) state (2, N)."""
+        m = torch.lerp(grad, mv[0], self.beta1)
+        v = torch.lerp(grad * grad, mv[1], self.beta2)
         step = torch.as_tensor(step, dtype=grad.dtype, device=grad.device)
         m_hat = m / (1.0 - self.beta1 ** step)
         denom = torch.sqrt(v / (1.0 - self.beta2 ** step)) + self.eps
-        return torch.stack((m_hat / denom, grad / denom), dim=1), torch.stack((m, v), dim=1)
+        return torch.stack((m_hat / denom, grad / denom), dim=0), torch.stack((m, v), dim=0)
 
     def forward(self, grad: Tensor, state: State, step):
         x, mv = self.features(grad, state["mv"], step)
-        x = F.elu(self.input_projection(x))
-        parts = state["rnn"].split(self.hidden_size, dim=1)
+        x = F.elu(torch.addmm(self.input_projection.bias[:, None], self.input_projection.weight, x))
+        parts = state["rnn"].split(self.hidden_size, dim=0)
         new = []
         for layer, cell in enumerate(self.cells):
             x, c = lstm_cell(x, parts[2 * layer], parts[2 * layer + 1], cell)
             new += [x, c]
-        update = torch.tanh(self.output(x).squeeze(1)) * self.output_scale
-        return update, {"mv": mv, "rnn": torch.cat(new, dim=1)}
+        update = torch.tanh(torch.addmm(self.output.bias[:, None], self.output.weight, x).squeeze(0))
+        return update * self.output_scale, {"mv": mv, "rnn": torch.cat(new, dim=0)}

@@ -12,8 +12,9 @@ applied after the hidden matrix product) plus injected biases on the input side,
 the TF ``BiasGRUCell``; the initial constants (gate bias 2.2, weight scale 0.5/sqrt(fan_in),
 readout biases 3.2 and 2.2, step-size offset -1, lr momentum logit 3.2) follow the original.
 
-State: ``coord`` (N, 21) = [h (10) | momenta a (4) | mean squares ms (4) | log_lr | scl_decay | inp_decay],
-``tensor`` (T, 20), ``glob`` (1, 20), ``numels`` (T,) the tensor sizes of the layout.
+State (feature-major, coordinates last): ``coord`` (21, N) = rows [h (10); momenta a (4);
+mean squares ms (4); log_lr; scl_decay; inp_decay], ``tensor`` (20, T), ``glob`` (20, 1),
+``numels`` (T,) the tensor sizes of the layout.
 """
 from __future__ import annotations
 
@@ -41,13 +42,14 @@ def _init_gru_(cell: nn.GRUCell, scale: float = 0.5, gate_bias: float = 2.2) -> 
 
 
 def gru_cell(x: Tensor, h: Tensor, cell: nn.GRUCell, injected: Tensor | None = None) -> Tensor:
-    """``nn.GRUCell`` maths with an optional bias (…, 3*hidden) injected on the input side."""
-    gi = torch.addmm(cell.bias_ih, x, cell.weight_ih.t())
+    """``nn.GRUCell`` maths on feature-major tensors (x (in, N), h (hidden, N)) with an optional
+    bias (3*hidden, N or 1) injected on the input side."""
+    gi = torch.addmm(cell.bias_ih[:, None], cell.weight_ih, x)
     if injected is not None:
         gi = gi + injected
-    gh = torch.addmm(cell.bias_hh, h, cell.weight_hh.t())
-    i_r, i_z, i_n = gi.chunk(3, dim=1)
-    h_r, h_z, h_n = gh.chunk(3, dim=1)
+    gh = torch.addmm(cell.bias_hh[:, None], cell.weight_hh, h)
+    i_r, i_z, i_n = gi.chunk(3, dim=0)
+    h_r, h_z, h_n = gh.chunk(3, dim=0)
     r = torch.sigmoid(i_r + h_r)
     z = torch.sigmoid(i_z + h_z)
     n = torch.tanh(i_n + r * h_n)
@@ -129,47 +131,50 @@ class L2OScaleRule(Rule):
         lo, hi = math.log(self.min_lr) / 2, math.log(self.max_lr) / 2
         u = torch.rand(n + 1, generator=generator, device="cpu").to(dev)
         log_lr = lo + (hi - lo) * u[:n] + (lo + (hi - lo) * u[n])
-        zeros = torch.zeros(n, 8, device=dev)
-        coord = torch.cat([self.param_init.to(dev).expand(n, -1), zeros, log_lr[:, None],
-                           torch.zeros(n, 2, device=dev)], dim=1)
-        return {"coord": coord, "tensor": self.tensor_init.to(dev).expand(t, -1).clone(),
-                "glob": self.global_init.to(dev)[None].clone(),
+        coord = torch.cat([self.param_init.to(dev)[:, None].expand(-1, n), torch.zeros(8, n, device=dev),
+                           log_lr[None], torch.zeros(2, n, device=dev)], dim=0)
+        return {"coord": coord, "tensor": self.tensor_init.to(dev)[:, None].expand(-1, t).clone(),
+                "glob": self.global_init.to(dev)[:, None].clone(),
                 "numels": torch.tensor(numels, dtype=torch.long, device=dev)}
 
     def forward(self, grad: Tensor, state: State, step):
         coord, numels = state["coord"], state["numels"]
         seg = torch.repeat_interleave(torch.arange(len(numels), device=grad.device), numels)
-        counts = numels.to(grad.dtype)[:, None]
+        counts = numels.to(grad.dtype)
 
-        def seg_mean(x: Tensor) -> Tensor:
-            return x.new_zeros(len(numels), x.shape[1]).index_add(0, seg, x) / counts
+        def seg_mean(x: Tensor) -> Tensor:  # (F, N) -> (F, T)
+            return x.new_zeros(x.shape[0], len(numels)).index_add(1, seg, x) / counts
 
-        h, a_prev, ms_prev = coord[:, _H], coord[:, _A], coord[:, _MS]
-        log_lr, scl, inp = coord[:, _LOGLR], coord[:, _SCL], coord[:, _INP]
+        h, a_prev, ms_prev = coord[_H], coord[_A], coord[_MS]
+        log_lr, scl, inp = coord[_LOGLR], coord[_SCL], coord[_INP]
         # momenta at 4 timescales, each twice the previous one
-        d = inp[:, None] ** (0.5 ** torch.arange(NUM_SCALES, device=grad.device, dtype=grad.dtype))
-        g = grad[:, None]
-        a = (1 - d) * g + d * a_prev
+        powers = 0.5 ** torch.arange(NUM_SCALES, device=grad.device, dtype=grad.dtype)
+        d = inp[None] ** powers[:, None]
+        a = (1 - d) * grad[None] + d * a_prev
         first = torch.as_tensor(step, device=grad.device) <= 1
-        sd = torch.where(first, torch.zeros_like(scl), scl)[:, None]
+        sd = torch.where(first, torch.zeros_like(scl), scl)[None]
         ms = (1 - sd) * (a * a + 1e-12) + sd * ms_prev
         s = torch.asinh(a / torch.sqrt(ms + 1e-16))
         log_ms = torch.log(ms + 1e-16)
-        feats = torch.cat([s, s[:, :-1] * s[:, 1:], log_ms - log_ms.mean(1, keepdim=True),
-                           (log_lr - log_lr.mean())[:, None]], dim=1)
+        feats = torch.cat([s, s[:-1] * s[1:], log_ms - log_ms.mean(0, keepdim=True),
+                           (log_lr - log_lr.mean())[None]], dim=0)
         tensor_h, glob_h = state["tensor"], state["glob"]
-        injected = self.tensor_to_param(tensor_h)[seg] + self.global_to_param(glob_h)
+        injected = (torch.addmm(self.tensor_to_param.bias[:, None], self.tensor_to_param.weight, tensor_h)[:, seg]
+                    + self.global_to_param.weight @ glob_h)
         h_new = gru_cell(feats, h, self.param_cell, injected)
-        tensor_in = seg_mean(torch.cat([h_new, feats], dim=1))
-        tensor_new = gru_cell(tensor_in, tensor_h, self.tensor_cell, self.global_to_tensor(glob_h))
-        glob_new = gru_cell(tensor_new.mean(0, keepdim=True), glob_h, self.global_cell)
+        tensor_in = seg_mean(torch.cat([h_new, feats], dim=0))
+        tensor_new = gru_cell(tensor_in, tensor_h, self.tensor_cell,
+                              torch.addmm(self.global_to_tensor.bias[:, None], self.global_to_tensor.weight, glob_h))
+        glob_new = gru_cell(tensor_new.mean(1, keepdim=True), glob_h, self.global_cell)
         # outputs
-        direction = (self.direction(h_new) + self.shortcut(s)).squeeze(1)
-        direction = direction / torch.sqrt(seg_mean(direction[:, None] ** 2)[seg, 0] + 1e-16)
-        step_log_lr = _ClampST.apply(log_lr + self.log_lr(h_new).squeeze(1), -33.0, 33.0)
+        direction = (self.direction.weight @ h_new + self.shortcut.weight @ s).squeeze(0)
+        direction = direction / torch.sqrt(seg_mean(direction[None] ** 2)[0, seg] + 1e-16)
+        step_log_lr = _ClampST.apply(log_lr + (self.log_lr.weight @ h_new).squeeze(0) + self.log_lr.bias,
+                                     -33.0, 33.0)
         lrm = torch.sigmoid(self.lr_momentum_logit)
         new_log_lr = lrm * log_lr + (1 - lrm) * step_log_lr
         update = -torch.exp(step_log_lr + self.stepsize_offset) * direction
-        new_coord = torch.cat([h_new, a, ms, new_log_lr[:, None], torch.sigmoid(self.scl_decay(h_new)),
-                               torch.sigmoid(self.inp_decay(h_new))], dim=1)
+        scl_new = torch.sigmoid(torch.addmm(self.scl_decay.bias[:, None], self.scl_decay.weight, h_new))
+        inp_new = torch.sigmoid(torch.addmm(self.inp_decay.bias[:, None], self.inp_decay.weight, h_new))
+        new_coord = torch.cat([h_new, a, ms, new_log_lr[None], scl_new, inp_new], dim=0)
         return update, {"coord": new_coord, "tensor": tensor_new, "glob": glob_new, "numels": numels}
