@@ -104,12 +104,26 @@ class LearnedOptimizer(Optimizer):
         self.register_load_state_dict_post_hook(_restore_loaded_state)
 
     # ------------------------------------------------------------------ torch plumbing
+    _PICKLED = ("rule", "weights", "chunk_size", "state_dtype", "nonfinite")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles only defaults/state/param_groups; the rule and our options travel too
+        state = super().__getstate__()
+        state.update({key: getattr(self, key) for key in self._PICKLED})
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("maximize", False)
-        self.__dict__.setdefault("_rule_copies", {})
-        self.__dict__.setdefault("_pending_state", None)
+        defaults = {"weights": None, "chunk_size": 1 << 16, "state_dtype": torch.float32, "nonfinite": "skip",
+                    "_rule_copies": {}, "_pending_state": None}
+        for key, value in defaults.items():
+            self.__dict__.setdefault(key, value)
+        hooks = self._optimizer_load_state_dict_pre_hooks.values()
+        if not any(getattr(h, "__name__", "") == _remember_loaded_state.__name__ for h in hooks):
+            self.register_load_state_dict_pre_hook(_remember_loaded_state)
+            self.register_load_state_dict_post_hook(_restore_loaded_state)
 
     def __repr__(self) -> str:
         head = super().__repr__()
@@ -133,7 +147,7 @@ class LearnedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
             if not params:
                 continue
             for p in params:
@@ -156,7 +170,10 @@ class LearnedOptimizer(Optimizer):
             return
         rule = self._rule_on(fresh[0].device)
         layout = [tuple(_real_view(p).shape) for p in fresh]
-        init = rule.init_state(layout, device=fresh[0].device)
+        # rules with a random initial state (L2O-Scale's log learning rates) draw it from a generator
+        # seeded by the parameter's position: deterministic, independent of the global RNG
+        index = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is fresh[0])
+        init = rule.init_state(layout, device=fresh[0].device, generator=torch.Generator().manual_seed(index))
         kinds = rule.state_kinds()
         offsets = {"coord": 0, "tensor": 0}
         for p, shape in zip(fresh, layout):
@@ -178,10 +195,10 @@ class LearnedOptimizer(Optimizer):
     def _apply_update(self, p: Tensor, flat_update: Tensor, start: int, lr: float) -> None:
         target = _real_view(p)
         if target.is_contiguous():
-            target.view(-1)[start: start + flat_update.numel()].add_(flat_update.to(p.dtype), alpha=lr)
+            target.view(-1)[start: start + flat_update.numel()].add_(flat_update.to(target.dtype), alpha=lr)
         else:  # rare: a non-contiguous parameter is updated through a contiguous copy
             tmp = target.contiguous()
-            tmp.view(-1)[start: start + flat_update.numel()].add_(flat_update.to(p.dtype), alpha=lr)
+            tmp.view(-1)[start: start + flat_update.numel()].add_(flat_update.to(target.dtype), alpha=lr)
             target.copy_(tmp)
 
     def _step_coordinatewise(self, group: dict, params: list[Tensor]) -> None:

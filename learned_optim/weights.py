@@ -79,6 +79,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 # ----------------------------------------------------------------------------------- resolution
 def parse_hf_spec(spec: str) -> tuple[str, str, str | None]:
     """``hf://org/repo[/path/file][@revision]`` -> (repo_id, filename, revision)."""
+    if not isinstance(spec, str) or not spec.startswith("hf://"):
+        raise WeightsError(f"Invalid hub reference {spec!r}: expected hf://org/repo[/file][@revision]")
     body = spec[len("hf://"):]
     revision = None
     if "@" in body:
@@ -131,8 +133,15 @@ def _hub_download(repo_id: str, filename: str, *, revision, cache_dir, local_fil
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
     where = f"{repo_id}/{filename}" + (f"@{revision}" if revision else "")
+    # Order matters: LocalEntryNotFoundError is a subclass of EntryNotFoundError (huggingface_hub 0.x-2.x),
+    # so the "not cached / offline" case must be caught before the "no such file in the repo" case.
     try:
         return Path(huggingface_hub.hf_hub_download(**kwargs))
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as exc:
+        raise WeightsError(f"Cannot download hf://{where}: the hub is unreachable or offline mode is on "
+                           "(HF_HUB_OFFLINE / local_files_only), and no copy is in the cache "
+                           f"({cache_dir or 'default HF cache'}). Connect once to fill the cache, or pass a local "
+                           "path to the .safetensors file") from exc
     except errors.RepositoryNotFoundError as exc:
         raise WeightsError(f"Hub repository {repo_id!r} does not exist (or is private: pass token=...); "
                            f"check the name in hf://{where}") from exc
@@ -141,11 +150,10 @@ def _hub_download(repo_id: str, filename: str, *, revision, cache_dir, local_fil
     except errors.EntryNotFoundError as exc:
         raise WeightsError(f"Hub repository {repo_id!r} has no file {filename!r} at "
                            f"{revision or 'main'}; check hf://{where}") from exc
-    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as exc:
-        raise WeightsError(f"Cannot download hf://{where}: the hub is unreachable or offline mode is on "
-                           "(HF_HUB_OFFLINE / local_files_only), and no copy is in the cache "
-                           f"({cache_dir or 'default HF cache'}). Connect once to fill the cache, or pass a local "
-                           "path to the .safetensors file") from exc
+    except errors.HfHubHTTPError as exc:  # 401/403 and other refusals not covered above
+        raise WeightsError(f"The hub refused hf://{where} ({exc}); check the reference and token=") from exc
+    except errors.HFValidationError as exc:  # malformed repo id / revision
+        raise WeightsError(f"Invalid hub reference hf://{where}: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------------- file I/O
@@ -214,7 +222,11 @@ def load_rule(path: str | os.PathLike, *, rule: str | None = None, config: dict 
         raise WeightsError(f"{path} holds {meta['rule']!r} weights but a {rule!r} rule was asked for; use "
                            f"learned_optim.{_CLASS_FOR_RULE.get(meta['rule'], 'LearnedOptimizer')} for this file")
     if config is not None:
-        expected = build_rule(meta["rule"], config).config()
+        try:
+            expected = build_rule(meta["rule"], config).config()
+        except TypeError as exc:
+            raise WeightsError(f"The requested config {config} does not fit rule {meta['rule']!r} ({exc}); "
+                               f"{path} was trained with {meta['config']}") from exc
         if expected != meta["config"]:
             raise WeightsError(f"{path} was trained with config {meta['config']}, which does not match the "
                                f"requested {expected}; drop the config override or use matching weights")

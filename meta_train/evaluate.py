@@ -1,0 +1,596 @@
+"""python -m meta_train.evaluate --optimizer NAME|PATH|adam|rmsprop|sgd --task TASK [--lr LR | --lr-grid [a,b,...]]
+                                --steps 10000 --seeds 10 --out DIR [--data-root PATH] [--workers N] [--threads 1]
+                                [--device cpu] [--label LABEL]
+
+The paper's evaluation protocol (DESIGN.md §6, reference §4d), run the way users run the optimizers:
+for every seed a real ``nn.Module`` of the task is built, a fresh N(0, 0.01) initialisation is copied
+into it, and ``torch.optim``-style ``zero_grad() / loss.backward() / step()`` runs for ``--steps``
+steps on batches of 128 drawn with replacement from the *test* split (as the paper's code does).
+Learned optimizers are ``learned_optim.L2ODM / RNNprop / L2OScale(params, weights=..., lr=...)``
+(class picked from the weight file's ``rule``); baselines are ``torch.optim.Adam / RMSprop / SGD``.
+One ``torch.Generator`` seeded with the seed draws the initialisation and then every batch, so all
+optimizers see the same initialisations and batches.
+
+Recorded per seed: the loss of every step (the loss at the parameters *before* that step's update,
+so ``losses[0]`` is the initial loss), rounded to 6 significant digits. Summaries:
+
+- ``final_ln_loss`` of a seed: ln of the mean loss over the last ``min(100, steps)`` steps. A run
+  whose loss becomes NaN/Inf is stopped there (its curve ends with ``null``) and its final value is
+  ``null`` (read: +inf).
+- ``final_ln_loss_mean`` / ``final_ln_loss_std``: mean and population std (ddof=0) over the seeds
+  with a finite final value; ``nonfinite`` says how many seeds were left out (``null`` if all were).
+- ``diverged``: seeds that hit NaN/Inf or whose final mean loss is above their initial loss (finite
+  diverged seeds do count in the mean).
+
+Learning rates: learned optimizers default to ``lr=1.0`` (the rule as trained); baselines given
+neither ``--lr`` nor ``--lr-grid`` are evaluated on the default grid (half-decades 1e-4 .. 1).
+
+Outputs in ``--out``: ``{label}__{task}.json`` (grid points: ``{label}__{task}__lr{lr:g}.json``, plus
+``{label}__{task}__grid.json`` with every point and the best lr: lowest mean among points without
+divergence, else fewest NaN/Inf seeds then lowest mean), and ``{task}.png`` (ln loss vs step,
+mean +- std over seeds, every non-grid run of the task plus the best point of every grid).
+
+Resume: each finished seed is written at once to ``.partial/{run}/seed{k}.json``; rerunning the same
+command skips finished seeds (partials whose settings differ are ignored). When a run is complete
+its JSON holds every curve and the partial files are removed; a later rerun reuses the seeds stored
+in that JSON (e.g. ``--seeds 20`` after ``--seeds 10`` only runs seeds 10-19).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import multiprocessing
+import os
+import re
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+TAIL = 100  # steps averaged for the final loss
+DEFAULT_LR_GRID = tuple(float(f"{10 ** (k / 2 - 4):.6g}") for k in range(9))  # 1e-4, 3.16e-4, ..., 1
+BASELINES = ("adam", "rmsprop", "sgd")
+LEARNED_CLASSES = {"dm": "L2ODM", "rnnprop": "RNNprop", "scale": "L2OScale"}
+LN_FLOOR_LOSS = 1e-45  # float32's smallest positive value: ln of an exactly-zero mean loss uses this
+PLOT_POINTS = 500  # curves are averaged over windows of ceil(steps / PLOT_POINTS) steps in the PNG
+
+
+# ----------------------------------------------------------------------------------- run description
+class EvaluationError(ValueError):
+    """An evaluation request that cannot run (unknown task, missing lr, bad steps)."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One evaluation point: an optimizer at one lr on one task, over ``seeds``."""
+
+    optimizer: str  # as given: bundled name, path, hf://..., or adam/rmsprop/sgd
+    task: str
+    lr: float
+    steps: int
+    seeds: tuple[int, ...]
+    label: str
+    grid_point: bool = False
+    rule: str | None = None  # learned optimizers: dm / rnnprop / scale
+    weights_path: str | None = None  # learned optimizers: the resolved local file
+    weights_sha256: str | None = None
+    data_root: str | None = None
+    device: str = "cpu"
+    data_tag: str = ""  # the dataset name, or "injected" when tensors were passed in
+
+    @property
+    def run_id(self) -> str:
+        base = f"{self.label}__{self.task}"
+        return f"{base}__lr{self.lr:g}" if self.grid_point else base
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for a stored seed to be reused (not the label, seeds or paths)."""
+        return {"optimizer": self.rule or self.optimizer, "weights_sha256": self.weights_sha256, "task": self.task,
+                "lr": self.lr, "steps": self.steps, "device": self.device, "data": self.data_tag, "split": "test"}
+
+
+def parse_lr_grid(text: str) -> tuple[float, ...]:
+    """``"default"`` -> :data:`DEFAULT_LR_GRID`; ``"a,b,c"`` -> those values (positive floats)."""
+    if text.strip() == "default":
+        return DEFAULT_LR_GRID
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'default' or comma-separated numbers, got {text!r}") from None
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise argparse.ArgumentTypeError(f"learning rates must be positive and finite, got {text!r}")
+    return values
+
+
+def sanitize_label(text: str) -> str:
+    """A label usable in file names."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "optimizer"
+
+
+def default_label(optimizer: str) -> str:
+    """Baselines and bundled names as given; a file: its stem (its folder's name for ``weights.safetensors``);
+    ``hf://org/repo[/file]``: the repo name."""
+    if optimizer in BASELINES or "/" not in optimizer and not optimizer.endswith(".safetensors"):
+        return sanitize_label(optimizer)
+    if optimizer.startswith("hf://"):
+        return sanitize_label(optimizer[len("hf://"):].split("@")[0].split("/")[1])
+    path = Path(optimizer)
+    return sanitize_label(path.parent.name if path.stem == "weights" and path.parent.name else path.stem)
+
+
+def _as_seeds(seeds: int | Iterable[int]) -> tuple[int, ...]:
+    return tuple(range(seeds)) if isinstance(seeds, int) else tuple(int(s) for s in seeds)
+
+
+def make_spec(optimizer: str, task: str, *, lr: float | None = None, steps: int = 10000,
+              seeds: int | Iterable[int] = 10, label: str | None = None, grid_point: bool = False,
+              data_root: str | None = None, device: str = "cpu", injected_data: bool = False) -> RunSpec:
+    """Validate and resolve one evaluation point (learned weights are resolved and hashed here, once)."""
+    from learned_optim import read_metadata, resolve_weights
+    from learned_optim.weights import sha256_file
+
+    from .tasks import TASKS
+
+    if task not in TASKS:
+        raise EvaluationError(f"Unknown task {task!r}; known tasks: {sorted(TASKS)}")
+    if steps < 1:
+        raise EvaluationError(f"steps must be >= 1, got {steps}")
+    rule = weights_path = sha = None
+    if optimizer in BASELINES:
+        if lr is None:
+            raise EvaluationError(f"{optimizer} needs an lr (or evaluate a grid)")
+    else:
+        path = resolve_weights(optimizer)
+        rule, weights_path, sha = read_metadata(path)["rule"], str(Path(path).resolve()), sha256_file(path)
+        lr = 1.0 if lr is None else lr
+    return RunSpec(optimizer=str(optimizer), task=task, lr=float(lr), steps=int(steps), seeds=_as_seeds(seeds),
+                   label=sanitize_label(label) if label else default_label(str(optimizer)), grid_point=grid_point,
+                   rule=rule, weights_path=weights_path, weights_sha256=sha,
+                   data_root=None if data_root is None else str(data_root), device=str(device),
+                   data_tag="injected" if injected_data else TASKS[task][1])
+
+
+# ----------------------------------------------------------------------------------- one seed
+def load_task_data(spec: RunSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The evaluation split (test) of the task's dataset."""
+    from . import data as data_module
+    from .tasks import TASKS
+
+    return data_module.load_dataset(TASKS[spec.task][1], train=False, root=spec.data_root, device=spec.device)
+
+
+def build_model(task, flat: torch.Tensor) -> torch.nn.Module:
+    """A fresh copy of the task's ``nn.Module`` holding the flat parameter vector ``flat``."""
+    model = copy.deepcopy(task.module).train()
+    torch.nn.utils.vector_to_parameters(flat.detach().clone(), model.parameters())
+    return model
+
+
+def build_optimizer(spec: RunSpec, params) -> torch.optim.Optimizer:
+    """The optimizer exactly as a user builds it."""
+    if spec.rule is None:
+        cls = {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop, "sgd": torch.optim.SGD}[spec.optimizer]
+        return cls(params, lr=spec.lr)
+    import learned_optim
+
+    return getattr(learned_optim, LEARNED_CLASSES[spec.rule])(params, weights=spec.weights_path, lr=spec.lr)
+
+
+def round6(value: float) -> float | None:
+    """6 significant digits; ``None`` for NaN/Inf (strict JSON)."""
+    return float(f"{value:.6g}") if math.isfinite(value) else None
+
+
+def run_seed(spec: RunSpec, seed: int, data: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Train one optimizee for ``spec.steps`` steps; the loss of every step (stops at the first NaN/Inf)."""
+    from .tasks import Task
+
+    start = time.perf_counter()
+    torch.manual_seed(seed)  # anything drawing from the global stream is seeded too
+    task = Task(spec.task, train=False, device=spec.device, data=data if data is not None else load_task_data(spec))
+    generator = torch.Generator().manual_seed(seed)
+    model = build_model(task, task.init_params(generator))
+    opt = build_optimizer(spec, model.parameters())
+    losses: list[float | None] = []
+    for _ in range(spec.steps):
+        batch = task.sample_batch(generator)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(batch.x), batch.y)
+        value = round6(float(loss.detach()))
+        losses.append(value)
+        if value is None:
+            break
+        loss.backward()
+        opt.step()
+    return {"seed": seed, "losses": losses, "seconds": time.perf_counter() - start}
+
+
+# ----------------------------------------------------------------------------------- summaries
+def seed_final(losses: Sequence[float | None], steps: int, tail: int = TAIL) -> tuple[float | None, bool]:
+    """(ln of the mean loss of the last ``min(tail, steps)`` steps or ``None`` for NaN/Inf, diverged?)."""
+    if len(losses) < steps or any(v is None for v in losses):
+        return None, True
+    window = losses[-min(tail, steps):]
+    mean = sum(window) / len(window)
+    return math.log(max(mean, LN_FLOOR_LOSS)), mean > losses[0]
+
+
+def summarize(curves: Sequence[Sequence[float | None]], steps: int, tail: int = TAIL) -> dict[str, Any]:
+    """Per-seed final ln losses and their mean/std over seeds, divergence counts."""
+    finals, flags = zip(*(seed_final(c, steps, tail) for c in curves)) if curves else ((), ())
+    finite = [f for f in finals if f is not None]
+    return {"final_ln_loss": list(finals),
+            "final_ln_loss_mean": statistics.fmean(finite) if finite else None,
+            "final_ln_loss_std": statistics.pstdev(finite) if finite else None,
+            "nonfinite": len(finals) - len(finite), "diverged": sum(flags)}
+
+
+def best_point(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Lowest ``final_ln_loss_mean`` among points without divergence; else fewest NaN/Inf seeds, then lowest mean."""
+    def mean(p):
+        return math.inf if p["final_ln_loss_mean"] is None else p["final_ln_loss_mean"]
+
+    clean = [p for p in points if p["diverged"] == 0 and p["final_ln_loss_mean"] is not None]
+    if clean:
+        return min(clean, key=mean)
+    return min(points, key=lambda p: (p["nonfinite"], mean(p)))
+
+
+# ----------------------------------------------------------------------------------- files
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Strict JSON (no NaN/Infinity), written to a temporary file then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, allow_nan=False, separators=(",", ":")))
+    os.replace(tmp, path)
+
+
+def result_path(out: Path, spec: RunSpec) -> Path:
+    return Path(out) / f"{spec.run_id}.json"
+
+
+def grid_path(out: Path, label: str, task: str) -> Path:
+    return Path(out) / f"{label}__{task}__grid.json"
+
+
+def partial_dir(out: Path, spec: RunSpec) -> Path:
+    return Path(out) / ".partial" / spec.run_id
+
+
+def partial_path(out: Path, spec: RunSpec, seed: int) -> Path:
+    return partial_dir(out, spec) / f"seed{seed}.json"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load_finished(out: Path, spec: RunSpec) -> dict[int, dict[str, Any]]:
+    """Seeds of ``spec`` already computed with the same settings: from its result JSON, then partial files."""
+    done: dict[int, dict[str, Any]] = {}
+    fp = spec.fingerprint()
+    result = _read_json(result_path(out, spec))
+    if result and result.get("fingerprint") == fp:
+        for seed, losses, seconds in zip(result["seeds"], result["losses"], result["seconds_per_seed"]):
+            if seed in spec.seeds:
+                done[seed] = {"seed": seed, "losses": losses, "seconds": seconds}
+    for seed in spec.seeds:
+        record = _read_json(partial_path(out, spec, seed))
+        if seed not in done and record and record.get("fingerprint") == fp:
+            done[seed] = record
+    return done
+
+
+def save_partial(out: Path, spec: RunSpec, record: dict[str, Any]) -> None:
+    write_json_atomic(partial_path(out, spec, record["seed"]), {**record, "fingerprint": spec.fingerprint()})
+
+
+def build_result(spec: RunSpec, records: dict[int, dict[str, Any]], *, wall_seconds: float,
+                 command: str | None) -> dict[str, Any]:
+    """The result JSON of a finished run (every seed in ``records``)."""
+    import learned_optim
+
+    curves = [records[s]["losses"] for s in spec.seeds]
+    seconds = [records[s]["seconds"] for s in spec.seeds]
+    summary = summarize(curves, spec.steps)
+    return {"type": "evaluation", "optimizer": spec.optimizer, "label": spec.label, "rule": spec.rule,
+            "weights_path": spec.weights_path, "weights_sha256": spec.weights_sha256, "task": spec.task,
+            "dataset": spec.data_tag, "split": "test", "lr": spec.lr, "grid_point": spec.grid_point,
+            "steps": spec.steps, "tail": min(TAIL, spec.steps), "seeds": list(spec.seeds), **summary,
+            "diverged_seeds": [s for s, c in zip(spec.seeds, curves) if seed_final(c, spec.steps)[1]],
+            "seconds": sum(seconds), "seconds_per_seed": seconds, "wall_seconds": wall_seconds,
+            "torch_version": torch.__version__, "learned_optim_version": learned_optim.__version__,
+            "device": spec.device, "command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "fingerprint": spec.fingerprint(), "losses": curves}
+
+
+def finish_run(out: Path, spec: RunSpec, records: dict[int, dict[str, Any]], *, wall_seconds: float,
+               command: str | None) -> dict[str, Any]:
+    """Write the result JSON, then drop the partial files it supersedes."""
+    result = build_result(spec, records, wall_seconds=wall_seconds, command=command)
+    write_json_atomic(result_path(out, spec), result)
+    shutil.rmtree(partial_dir(out, spec), ignore_errors=True)
+    try:
+        (Path(out) / ".partial").rmdir()
+    except OSError:
+        pass
+    return result
+
+
+# ----------------------------------------------------------------------------------- running
+def _worker_init(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def torch_threads(threads: int | None):
+    """Run with ``threads`` intra-op threads (``None``: unchanged), restoring the previous setting."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def default_workers(n_seeds: int) -> int:
+    return max(1, min(n_seeds, os.cpu_count() or 1))
+
+
+def run_specs(specs: Sequence[RunSpec], out: str | os.PathLike, *, workers: int | None = None,
+              data: tuple[torch.Tensor, torch.Tensor] | None = None, command: str | None = None,
+              progress: bool = True, threads: int | None = 1) -> list[dict[str, Any]]:
+    """Evaluate several points (e.g. a grid) with one pool of workers; returns their result dicts.
+
+    ``workers == 1`` runs in this process (no pool); otherwise a 'spawn' ProcessPoolExecutor.
+    Either way each seed runs with ``threads`` torch threads (default 1: the optimizees are small,
+    and several threads per process slow down badly when the cores are shared; ``None`` leaves
+    torch's setting). Finished seeds are saved as they arrive, so an interrupted call resumes
+    where it stopped.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    done = {spec: load_finished(out, spec) for spec in specs}
+    jobs = [(spec, seed) for spec in specs for seed in spec.seeds if seed not in done[spec]]
+    total = sum(len(spec.seeds) for spec in specs)
+    if jobs and data is None:
+        load_task_data(jobs[0][0])  # fail here, with the data module's message, if the dataset is missing
+    workers = default_workers(len(jobs)) if workers is None else max(1, min(workers, max(len(jobs), 1)))
+    results: dict[RunSpec, dict[str, Any]] = {}
+
+    def finished(spec: RunSpec, record: dict[str, Any]) -> None:
+        save_partial(out, spec, record)
+        done[spec][record["seed"]] = record
+        bar.update(1)
+        if len(done[spec]) == len(spec.seeds):
+            results[spec] = finish_run(out, spec, done[spec], wall_seconds=time.perf_counter() - start,
+                                       command=command)
+
+    desc = specs[0].run_id if len(specs) == 1 else f"{specs[0].label}__{specs[0].task} ({len(specs)} lrs)"
+    with tqdm(total=total, initial=total - len(jobs), desc=desc, unit="seed", disable=not progress) as bar:
+        for spec in specs:  # already complete: keep its result file unless it differs
+            if len(done[spec]) == len(spec.seeds):
+                existing = _read_json(result_path(out, spec))
+                complete = existing and existing.get("fingerprint") == spec.fingerprint() and \
+                    existing["seeds"] == list(spec.seeds) and existing["label"] == spec.label
+                results[spec] = existing if complete else finish_run(
+                    out, spec, done[spec], wall_seconds=time.perf_counter() - start, command=command)
+        if workers == 1:
+            with torch_threads(threads):
+                for spec, seed in jobs:
+                    finished(spec, run_seed(spec, seed, data))
+        elif jobs:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                     initargs=(threads,)) as pool:
+                pending = {pool.submit(run_seed, spec, seed, data): spec for spec, seed in jobs}
+                try:
+                    while pending:
+                        ready, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in ready:
+                            finished(pending.pop(fut), fut.result())
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+    return [results[spec] for spec in specs]
+
+
+def evaluate(optimizer: str, task: str, *, lr: float | None = None, steps: int = 10000,
+             seeds: int | Iterable[int] = 10, out: str | os.PathLike, label: str | None = None,
+             data_root: str | None = None, device: str = "cpu", workers: int | None = None,
+             data: tuple[torch.Tensor, torch.Tensor] | None = None, command: str | None = None,
+             progress: bool = True, plot: bool = True, threads: int | None = 1) -> dict[str, Any]:
+    """Evaluate ``optimizer`` at one lr on ``task``; writes ``{label}__{task}.json`` and returns it.
+
+    ``data=(x, y)`` replaces the task's dataset (tests); ``seeds`` is a count (0..n-1) or the seeds.
+    """
+    spec = make_spec(optimizer, task, lr=lr, steps=steps, seeds=seeds, label=label, data_root=data_root,
+                     device=device, injected_data=data is not None)
+    (result,) = run_specs([spec], out, workers=workers, data=data, command=command, progress=progress,
+                          threads=threads)
+    if plot:
+        plot_task(out, task)
+    return result
+
+
+def grid_summary(specs: Sequence[RunSpec], results: Sequence[dict[str, Any]],
+                 command: str | None = None) -> dict[str, Any]:
+    """The grid JSON: every lr point's summary and the best one (see :func:`best_point`)."""
+    keys = ("lr", "final_ln_loss_mean", "final_ln_loss_std", "nonfinite", "diverged")
+    points = [{**{k: r[k] for k in keys}, "file": f"{s.run_id}.json"} for s, r in zip(specs, results)]
+    best = best_point(points)
+    first = results[0]
+    return {"type": "grid", "optimizer": first["optimizer"], "label": first["label"], "rule": first["rule"],
+            "task": first["task"], "steps": first["steps"], "seeds": first["seeds"], "points": points,
+            "best_lr": best["lr"], "best_file": best["file"], "best": best, "command": command,
+            "torch_version": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def evaluate_grid(optimizer: str, task: str, lrs: Sequence[float] = DEFAULT_LR_GRID, *, steps: int = 10000,
+                  seeds: int | Iterable[int] = 10, out: str | os.PathLike, label: str | None = None,
+                  data_root: str | None = None, device: str = "cpu", workers: int | None = None,
+                  data: tuple[torch.Tensor, torch.Tensor] | None = None, command: str | None = None,
+                  progress: bool = True, plot: bool = True, threads: int | None = 1) -> dict[str, Any]:
+    """Evaluate ``optimizer`` at every lr of ``lrs``; writes each point and ``{label}__{task}__grid.json``."""
+    specs = [make_spec(optimizer, task, lr=lr, steps=steps, seeds=seeds, label=label, grid_point=True,
+                       data_root=data_root, device=device, injected_data=data is not None) for lr in lrs]
+    results = run_specs(specs, out, workers=workers, data=data, command=command, progress=progress,
+                        threads=threads)
+    summary = grid_summary(specs, results, command)
+    write_json_atomic(grid_path(Path(out), specs[0].label, task), summary)
+    if plot:
+        plot_task(out, task)
+    return summary
+
+
+# ----------------------------------------------------------------------------------- plot
+def runs_to_plot(out: str | os.PathLike, task: str) -> list[dict[str, Any]]:
+    """Result dicts for the task's figure: every non-grid run, plus the best point of every grid."""
+    out = Path(out)
+    runs = []
+    for path in sorted(out.glob(f"*__{task}*.json")):
+        obj = _read_json(path)
+        if not obj or obj.get("task") != task:
+            continue
+        if obj.get("type") == "evaluation" and not obj.get("grid_point"):
+            runs.append(obj)
+        elif obj.get("type") == "grid":
+            best = _read_json(out / obj["best_file"])
+            if best:
+                runs.append(best)
+    return runs
+
+
+def ln_curve_stats(curves: Sequence[Sequence[float | None]], steps: int, window: int):
+    """(x, mean, std) of ln loss over seeds, each curve first averaged over windows of ``window`` steps.
+    Steps after a NaN/Inf are missing and ignored."""
+    import numpy as np
+
+    arr = np.full((len(curves), steps), np.nan)
+    for i, c in enumerate(curves):
+        vals = np.array([np.nan if v is None else v for v in c], dtype=float)
+        arr[i, :len(vals)] = vals
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ln = np.log(np.maximum(arr, LN_FLOOR_LOSS))
+    n_bins = math.ceil(steps / window)
+    padded = np.full((len(curves), n_bins * window), np.nan)
+    padded[:, :steps] = ln
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows (diverged) stay NaN
+        binned = np.nanmean(padded.reshape(len(curves), n_bins, window), axis=2)
+        mean, std = np.nanmean(binned, axis=0), np.nanstd(binned, axis=0)
+    x = np.minimum(np.arange(n_bins) * window + (window - 1) / 2, steps - 1)
+    return x, mean, std
+
+
+def plot_task(out: str | os.PathLike, task: str) -> Path | None:
+    """``{out}/{task}.png``: ln loss vs step, mean +- std over seeds per optimizer (like the paper's Fig. 2)."""
+    runs = runs_to_plot(out, task)
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in sorted(runs, key=lambda r: (r["rule"] is None, r["label"])):
+        x, mean, std = ln_curve_stats(r["losses"], r["steps"], max(1, math.ceil(r["steps"] / PLOT_POINTS)))
+        name = r["label"] + (f" (lr {r['lr']:g})" if r["rule"] is None or r["grid_point"] else "")
+        if r["diverged"]:
+            name += f" [{r['diverged']}/{len(r['seeds'])} diverged]"
+        (line,) = ax.plot(x, mean, lw=1.2, label=name)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_xlabel("optimizee step")
+    ax.set_ylabel("training loss (ln)")
+    ax.set_title(f"{task}: ln training loss, mean ± std over seeds")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path = Path(out) / f"{task}.png"
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    from .tasks import TASKS
+
+    ap = argparse.ArgumentParser(prog="python -m meta_train.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--optimizer", required=True,
+                    help="a bundled weights name, a .safetensors path, hf://org/repo[/file][@rev], or adam/rmsprop/sgd")
+    lr = ap.add_mutually_exclusive_group()
+    lr.add_argument("--lr", type=float, help="learning rate (learned optimizers: multiplies the update, default 1.0)")
+    lr.add_argument("--lr-grid", type=parse_lr_grid, nargs="?", const=DEFAULT_LR_GRID, metavar="a,b,...|default",
+                    help="evaluate every lr and pick the best; without values (or 'default'): half-decades 1e-4..1. "
+                         "Baselines given neither --lr nor --lr-grid use the default grid")
+    ap.add_argument("--task", required=True, choices=list(TASKS))
+    ap.add_argument("--steps", type=int, default=10000, help="optimizee steps per seed (default 10000)")
+    ap.add_argument("--seeds", type=int, default=10, help="number of seeds, 0..N-1 (default 10)")
+    ap.add_argument("--out", required=True, help="results directory")
+    ap.add_argument("--data-root", default=None, help="torchvision data folder (default: $LEARNED_OPTIM_DATA)")
+    ap.add_argument("--workers", type=int, default=None, help="worker processes (default min(seeds, cpu count))")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per seed (default 1)")
+    ap.add_argument("--label", default=None, help="name in files, plots and tables (default from --optimizer)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def _fmt(result: dict[str, Any]) -> str:
+    mean, std = result["final_ln_loss_mean"], result["final_ln_loss_std"]
+    value = "NaN/Inf on every seed" if mean is None else f"{mean:.4f} ± {std:.4f}"
+    return f"{result['label']} on {result['task']} (lr {result['lr']:g}): final ln loss {value}, " \
+           f"{result['diverged']}/{len(result['seeds'])} diverged"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from learned_optim import WeightsError
+
+    args = build_parser().parse_args(argv)
+    command = "python -m meta_train.evaluate " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    grid = args.lr_grid if args.lr_grid is not None else (
+        DEFAULT_LR_GRID if args.optimizer in BASELINES and args.lr is None else None)
+    common = dict(steps=args.steps, seeds=args.seeds, out=args.out, label=args.label, data_root=args.data_root,
+                  device=args.device, workers=args.workers, command=command, progress=not args.no_progress,
+                  threads=args.threads)
+    try:
+        if grid is not None:
+            summary = evaluate_grid(args.optimizer, args.task, grid, **common)
+            for point in summary["points"]:
+                print(_fmt(_read_json(Path(args.out) / point["file"])))
+            print(f"best lr: {summary['best_lr']:g}")
+        else:
+            print(_fmt(evaluate(args.optimizer, args.task, lr=args.lr, **common)))
+    except (WeightsError, EvaluationError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
