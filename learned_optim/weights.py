@@ -171,9 +171,27 @@ def save_weights(rule: Rule, path: str | os.PathLike, *, recipe: dict | None = N
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    _canonicalise_header(tmp)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
+
+
+def _canonicalise_header(path: Path) -> None:
+    """Rewrite the JSON header of a safetensors file with sorted keys, in place.
+
+    safetensors keeps the metadata in a hash map, so its order changes from one save to the next;
+    sorted, the same weights and metadata give the same bytes (a resumed meta-training run is
+    bit-identical to an uninterrupted one). The header keeps its length, so no offset moves.
+    """
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) > size:  # cannot happen for a header safetensors wrote; leave the file as it is
+            return
+        fh.seek(8)
+        fh.write(text + b" " * (size - len(text)))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -7,6 +7,7 @@ DIR/training.png. Several processes: torchrun --nproc_per_node N -m meta_train .
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .trainer import MODEL_DEFAULTS, Config, main_train
@@ -91,7 +92,8 @@ def main(argv=None) -> None:
                  imitation_ratio=args.imitation_ratio, teacher=args.teacher, teacher_lr=args.teacher_lr,
                  meta_lr=args.meta_lr, min_evals=args.min_evals, progress=not args.no_progress, resume=args.resume)
     path = main_train(cfg)
-    print(path, file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 reports
+        print(path, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -334,7 +334,7 @@ class Trainer:
     def _loop(self) -> None:
         from tqdm.auto import tqdm
 
-        done = bool(self.stop_reason) or (self.curriculum is not None and self.curriculum.done)
+        done = self.curriculum is not None and self.curriculum.done  # a raised --epochs cap resumes
         bar = tqdm(total=self.r["epochs"], initial=self.epoch, disable=not self.cfg.progress or self.rank != 0,
                    desc=f"meta-train {self.cfg.model}", dynamic_ncols=True)
         while not done and self.epoch < self.r["epochs"]:
@@ -357,8 +357,6 @@ class Trainer:
                 self._checkpoint()
                 bar.close()
                 raise SystemExit(128 + int(self._signal))
-        if self.epoch >= self.r["epochs"] and not self.stop_reason:
-            self.stop_reason = f"epoch cap {self.r['epochs']} reached"
         bar.close()
         self._checkpoint()
 
@@ -372,7 +370,8 @@ class Trainer:
                 "teacher_lr": self.cfg.teacher_lr, "meta_optimizer": self.r["meta_optimizer"],
                 "meta_lr": self.r["meta_lr"], "objective": self.r["objective"],
                 "stage_reached": self.stage, "horizon_reached": self.train_horizon,
-                "best_val_loss": self.best_val, "stop_reason": self.stop_reason or "running",
+                "best_val_loss": self.best_val, "stop_reason": self.stop_reason or (
+                    f"epoch cap {self.r['epochs']} reached" if self.epoch >= self.r["epochs"] else "running"),
                 "world_size": self.world, "code_version": _git_version()}
         # wall-clock is in log.jsonl and added when a run is bundled (meta_train.export): keeping it out of
         # the run's own weight file is what makes an interrupted-and-resumed run bit-identical to a straight one

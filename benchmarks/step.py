@@ -1,0 +1,371 @@
+"""Cost of one ``optimizer.step()`` of the learned optimizers next to ``torch.optim.Adam(foreach=True)``.
+
+For every model size (10k, 100k, 1M, 10M parameters) and two parameter shapes -- ``matrix`` (one
+(n/1000, 1000) tensor) and ``many`` (a network-like list of (k, 64) tensors of 64..4096 elements) --
+the optimizers run side by side in one process: every timed round steps each of them once (the
+order rotates between rounds), so machine load hits them alike. Gradients are pre-filled with
+random values once; only ``opt.step()`` is timed. Rules are freshly initialised (no weights): the
+cost does not depend on the trained values.
+
+Also measured, in the same rounds: the "GEMM floor" of each rule (its bare matrix products, with
+preallocated outputs, on random feature-major inputs of the same sizes, chunked like the optimizer);
+after the timing, per optimizer: the peak temporary memory of one step (torch profiler allocation
+events, see ``memory_method`` in the JSON) and the state bytes per parameter.
+
+    python benchmarks/step.py --sizes 10k,100k,1M --repeats 10 --out benchmarks/results/step.json
+
+Prints the JSON (schema in benchmarks/README.md); ``--out`` also writes it.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import learned_optim  # noqa: E402
+
+SIZES = {"10k": 10_000, "100k": 100_000, "1M": 1_000_000, "10M": 10_000_000}
+SMALL_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # "many": cycled, each a (k, 64) tensor
+LEARNED = {"dm": learned_optim.L2ODM, "rnnprop": learned_optim.RNNprop, "scale": learned_optim.L2OScale}
+
+# multiply-adds of each rule's matrix products, x2 = flops
+FLOPS_PER_COORD = {
+    "dm": 2 * (22 * 80 + 40 * 80 + 20 * 1),  # LSTM1 [x(2);h(20)]->80, LSTM2 [20;20]->80, readout 20->1
+    "rnnprop": 2 * (2 * 20 + 40 * 80 + 40 * 80 + 20 * 1),  # input proj 2->20, 2 LSTMs [20;20]->80, readout
+    # per-coordinate GRU: W_ih (30,12), W_hh (30,10); readouts direction/log_lr/scl/inp 10->1, shortcut 4->1
+    "scale": 2 * (12 * 30 + 10 * 30 + 4 * 10 + 4),
+}
+# L2O-Scale's per-tensor work: tensor_to_param 20->30, tensor GRU W_ih (60,22), W_hh (60,20)
+SCALE_FLOOR_PIECE = 1 << 20
+FLOPS_PER_TENSOR = {"dm": 0, "rnnprop": 0, "scale": 2 * (20 * 30 + 22 * 60 + 20 * 60)}
+MEMORY_METHOD_CPU = ("torch.profiler.profile(profile_memory=True) around one step(); the allocation events "
+                     "(alloc +bytes / free -bytes, all devices) sorted by time, cumulative sum, maximum. Counts "
+                     "every tensor allocated during step() beyond what existed before it (the optimizer state "
+                     "already exists: measured after the warm-up), i.e. the temporaries of the step.")
+MEMORY_METHOD_CUDA = ("torch.cuda.max_memory_allocated() during one step() minus memory_allocated() before it "
+                      "(reset_peak_memory_stats first).")
+
+
+# ---------------------------------------------------------------------- helpers
+def parse_sizes(text: str) -> list[str]:
+    out = []
+    for s in text.split(","):
+        s = s.strip()
+        if s not in SIZES:
+            raise SystemExit(f"unknown size {s!r}; choose from {','.join(SIZES)}")
+        out.append(s)
+    return out
+
+
+def quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = (len(xs) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summary(times_s: list[float]) -> dict:
+    ms = [t * 1e3 for t in times_s]
+    return {"median_ms": quantile(ms, 0.5), "iqr_ms": [quantile(ms, 0.25), quantile(ms, 0.75)],
+            "min_ms": min(ms), "times_ms": [round(t, 4) for t in ms]}
+
+
+def usage_summary(u, repeats: int) -> dict:
+    """Process CPU time and minor page faults per timed call (getrusage(RUSAGE_SELF), all threads)."""
+    user, sys_, faults = u[0] / repeats, u[1] / repeats, u[2] / repeats
+    return {"cpu_user_ms": user * 1e3, "cpu_sys_ms": sys_ * 1e3,
+            "sys_fraction": sys_ / (user + sys_) if user + sys_ > 0 else 0.0, "minor_faults": faults}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def env_info(device: torch.device) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(), "cpu_model": cpu_model(),
+            "cpu_count": os.cpu_count(), "device": str(device), "load_avg_start": list(os.getloadavg()),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def layout(n: int, shape: str) -> list[tuple[int, ...]]:
+    if shape == "matrix":
+        return [(n // 1000, 1000)]
+    shapes, total = [], 0
+    for s in itertools.cycle(SMALL_SIZES):
+        s = min(s, n - total)
+        if s <= 0:
+            break
+        shapes.append((s // 64, 64) if s % 64 == 0 else (s,))
+        total += s
+    return shapes
+
+
+def make_params(shapes, device, seed: int, grad_std: float) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(device))
+        p.grad = (torch.randn(s, generator=gen) * grad_std).to(device)
+        params.append(p)
+    return params
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(v.nbytes for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_temp_bytes(fn: Callable[[], None], device: torch.device) -> int | None:
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocs: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        if e.tag == _EventType.Allocation:
+            allocs.append((e.start_time_ns, e.extra_fields.alloc_size))
+        stack.extend(e.children)
+    allocs.sort()
+    return max(itertools.accumulate(a for _, a in allocs), default=0)
+
+
+# ---------------------------------------------------------------------- GEMM floors
+def gemm_floor(rule: str, n: int, num_tensors: int, chunk_size: int, device: torch.device) -> Callable[[], None]:
+    """The rule's bare matrix products on random feature-major inputs: torch.mm into preallocated outputs,
+    over chunks of ``chunk_size`` coordinates for the coordinate-wise rules, the whole group for L2O-Scale."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+
+    if rule in ("dm", "rnnprop"):
+        # (weight rows, weight cols) of each product, applied to a (cols, c) input
+        mats = ([(80, 22), (80, 40), (1, 20)] if rule == "dm" else [(20, 2), (80, 40), (80, 40), (1, 20)])
+        weights = [rand(r, k) for r, k in mats]
+        chunks = [chunk_size] * (n // chunk_size) + ([n % chunk_size] if n % chunk_size else [])
+        bufs = {}
+        for c in set(chunks):
+            bufs[c] = [(rand(k, c), torch.empty(r, c, device=device)) for r, k in mats]
+
+        def run():
+            for c in chunks:
+                for w, (x, out) in zip(weights, bufs[c]):
+                    torch.mm(w, x, out=out)
+        return run
+    # L2O-Scale: whole group (in pieces of SCALE_FLOOR_PIECE coordinates beyond that, to bound the buffers;
+    # the products are linear in N there); per coordinate GRU (30x12, 30x10) + 5 readouts, per tensor 3 products
+    w_ih, w_hh, w_read, w_short = rand(30, 12), rand(30, 10), rand(4, 10), rand(1, 4)
+    pieces = [SCALE_FLOOR_PIECE] * (n // SCALE_FLOOR_PIECE) + ([n % SCALE_FLOOR_PIECE] if n % SCALE_FLOOR_PIECE else [])
+    t = num_tensors
+    wt = [rand(30, 20), rand(60, 22), rand(60, 20)]
+    xt = [rand(20, t), rand(22, t), rand(20, t)]
+    outt = [torch.empty(w.shape[0], t, device=device) for w in wt]
+    views = {c: (rand(12, c), rand(10, c), rand(4, c), torch.empty(30, c, device=device),
+                 torch.empty(1, c, device=device)) for c in set(pieces)}
+
+    def run():
+        for c in pieces:
+            x, h, s, o30, o1 = views[c]
+            torch.mm(w_ih, x, out=o30)
+            torch.mm(w_hh, h, out=o30)
+            for i in range(4):  # direction, log_lr, scl_decay, inp_decay: 10 -> 1 each
+                torch.mm(w_read[i: i + 1], h, out=o1)
+            torch.mm(w_short, s, out=o1)
+        for w, x, o in zip(wt, xt, outt):
+            torch.mm(w, x, out=o)
+    return run
+
+
+# ---------------------------------------------------------------------- one (size, shape) case
+def run_case(size: str, shape: str, args, device: torch.device) -> dict:
+    n = SIZES[size]
+    shapes = layout(n, shape)
+    names = ["adam"] + [m for m in args.models]
+    if args.bf16_size == size and "dm" in args.models:
+        names.append("dm_bf16")
+    opts: dict[str, torch.optim.Optimizer] = {}
+    for i, name in enumerate(names):
+        params = make_params(shapes, device, seed=args.seed, grad_std=args.grad_std)
+        if name == "adam":
+            opts[name] = torch.optim.Adam(params, lr=1e-3, foreach=True)
+        elif name == "dm_bf16":
+            opts[name] = learned_optim.L2ODM(params, chunk_size=args.chunk_size, state_dtype=torch.bfloat16)
+        else:
+            opts[name] = LEARNED[name](params, chunk_size=args.chunk_size)
+    fns: dict[str, Callable[[], None]] = {name: opt.step for name, opt in opts.items()}
+    for m in args.models:
+        if not args.no_gemm_floor:
+            fns[f"gemm:{m}"] = gemm_floor(m, n, len(shapes), args.chunk_size, device)
+    keys = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    usage = {k: [0.0, 0.0, 0] for k in keys}  # user s, sys s, minor page faults over the timed runs
+    for r in range(args.warmup + args.repeats):
+        order = keys[r % len(keys):] + keys[: r % len(keys)]  # rotate: no optimizer always runs first
+        for k in order:
+            sync(device)
+            ru0 = resource.getrusage(resource.RUSAGE_SELF)
+            t0 = time.perf_counter()
+            fns[k]()
+            sync(device)
+            t1 = time.perf_counter()
+            ru1 = resource.getrusage(resource.RUSAGE_SELF)
+            if r >= args.warmup:
+                times[k].append(t1 - t0)
+                u = usage[k]
+                u[0] += ru1.ru_utime - ru0.ru_utime
+                u[1] += ru1.ru_stime - ru0.ru_stime
+                u[2] += ru1.ru_minflt - ru0.ru_minflt
+    result = {"size": size, "n_params": n, "shape": shape, "n_tensors": len(shapes),
+              "tensor_numel_range": [min(math.prod(s) for s in shapes), max(math.prod(s) for s in shapes)],
+              "optimizers": {}}
+    adam_ms = quantile(times["adam"], 0.5) * 1e3
+    for name, opt in opts.items():
+        entry = summary(times[name])
+        entry["ratio_to_adam"] = entry["median_ms"] / adam_ms
+        entry.update(usage_summary(usage[name], args.repeats))
+        sb = state_bytes(opt)
+        entry["state_bytes"] = sb
+        entry["state_bytes_per_param"] = sb / n
+        rule = "dm" if name == "dm_bf16" else name
+        if rule in FLOPS_PER_COORD:
+            flops = FLOPS_PER_COORD[rule] * n + FLOPS_PER_TENSOR[rule] * len(shapes)
+            entry["rule_gflop"] = flops / 1e9
+            entry["gflops_per_s"] = flops / (entry["median_ms"] * 1e-3) / 1e9
+            if f"gemm:{rule}" in times:
+                floor = summary(times[f"gemm:{rule}"])
+                floor.update(usage_summary(usage[f"gemm:{rule}"], args.repeats))
+                floor["gflops_per_s"] = flops / (floor["median_ms"] * 1e-3) / 1e9
+                entry["gemm_floor"] = floor
+                entry["step_over_gemm_floor"] = entry["median_ms"] / floor["median_ms"]
+        if not args.no_memory:
+            try:
+                peak = peak_temp_bytes(opt.step, device)
+                entry["peak_temp_bytes"] = peak
+                entry["peak_temp_bytes_per_param"] = None if peak is None else peak / n
+            except Exception as exc:  # the profiler API is private; never lose the timings over it
+                entry["peak_temp_bytes"] = None
+                entry["peak_temp_error"] = f"{type(exc).__name__}: {exc}"
+        result["optimizers"][name] = entry
+    del opts, fns
+    gc.collect()
+    return result
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default=",".join(SIZES), help="comma list of 10k,100k,1M,10M (default: all)")
+    ap.add_argument("--shapes", default="matrix,many", help="comma list of matrix,many")
+    ap.add_argument("--models", default="dm,rnnprop,scale", help="learned optimizers to time next to Adam")
+    ap.add_argument("--repeats", type=int, default=10, help="timed steps per optimizer (default 10)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    ap.add_argument("--chunk-size", type=int, default=1 << 16, help="the learned optimizers' chunk_size")
+    ap.add_argument("--bf16-size", default="1M", help="size at which L2ODM(state_dtype=bfloat16) is also timed "
+                                                      "('' to skip)")
+    ap.add_argument("--grad-std", type=float, default=0.01)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--no-memory", action="store_true", help="skip the profiler memory measurement")
+    ap.add_argument("--no-gemm-floor", action="store_true")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.warmup < 0 or args.repeats < 1:
+        raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in args.models:
+        if m not in LEARNED:
+            raise SystemExit(f"unknown model {m!r}; choose from {','.join(LEARNED)}")
+    shapes = [s.strip() for s in args.shapes.split(",")]
+    for s in shapes:
+        if s not in ("matrix", "many"):
+            raise SystemExit(f"unknown shape {s!r}")
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    t_start = time.perf_counter()
+    out = {"benchmark": "step", "schema_version": 1, "env": env_info(device),
+           "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
+           "config": {"sizes": parse_sizes(args.sizes), "shapes": shapes, "models": args.models,
+                      "repeats": args.repeats, "warmup": args.warmup, "chunk_size": args.chunk_size,
+                      "bf16_size": args.bf16_size or None, "grad_std": args.grad_std, "seed": args.seed,
+                      "matrix_layout": "one (n/1000, 1000) tensor",
+                      "many_layout": f"tensors of {SMALL_SIZES} elements cycled (each (k, 64)), last one "
+                                     "truncated so they add up to n",
+                      "timing": "perf_counter around opt.step() only; every round steps each optimizer and "
+                                "GEMM floor once, order rotated between rounds; each optimizer owns its own copy "
+                                "of the parameters and fixed random gradients",
+                      "gemm_floor": "torch.mm of the rule's weight matrices with random feature-major inputs "
+                                    "into preallocated outputs; DM: (80,22)x(22,c), (80,40)x(40,c), (1,20)x(20,c); "
+                                    "RNNprop: (20,2)x(2,c), 2x (80,40)x(40,c), (1,20)x(20,c); c = chunk_size "
+                                    "chunks (and the remainder). Scale (whole group, no chunks): (30,12)x(12,N), "
+                                    "(30,10)x(10,N), 4x (1,10)x(10,N), (1,4)x(4,N) + per tensor (30,20), (60,22), "
+                                    "(60,20) x (.,T); N in pieces of 2^20 beyond 2^20 (bounded buffers)",
+                      "flops_per_coordinate": FLOPS_PER_COORD, "flops_per_tensor": FLOPS_PER_TENSOR,
+                      "cpu_usage": "cpu_user_ms / cpu_sys_ms / minor_faults: getrusage(RUSAGE_SELF) deltas around "
+                                   "each timed call, mean per call; a high sys_fraction means time spent in the "
+                                   "kernel, mostly page faults on freshly mmapped temporaries",
+                      "flops_note": "2 x multiply-adds of the rule's matrix products only (element-wise maths not "
+                                    "counted); gflops_per_s = those flops / median step time",
+                      "memory_method": MEMORY_METHOD_CUDA if device.type == "cuda" else MEMORY_METHOD_CPU},
+           "results": []}
+    for size in out["config"]["sizes"]:
+        for shape in shapes:
+            t0 = time.perf_counter()
+            case = run_case(size, shape, args, device)
+            case["wall_s"] = time.perf_counter() - t0
+            out["results"].append(case)
+            print(f"# {size} {shape}: " + ", ".join(f"{k} {v['median_ms']:.3g} ms"
+                                                    for k, v in case["optimizers"].items())
+                  + f" ({case['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+    out["env"]["load_avg_end"] = list(os.getloadavg())
+    out["env"]["wall_s"] = time.perf_counter() - t_start
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()

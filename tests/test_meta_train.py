@@ -1,0 +1,304 @@
+"""meta_train: curriculum state machine, unroll, imitation, tasks, the CLI end to end, resume
+(bit-identical, SIGKILL, SIGTERM) and two processes with torchrun. Synthetic data only."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import learned_optim
+from helpers import write_synthetic_cifar10, write_synthetic_mnist
+from meta_train.curriculum import ADVANCE, CONTINUE, IMPROVED, STOP, Curriculum
+from meta_train.imitation import SelfImproving, Teacher, imitation_unroll
+from meta_train.tasks import TASKS, Task
+from meta_train.unroll import meta_unroll, rollout, start
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--horizons", "20,40", "--epochs", "6", "--eval-every", "2", "--eval-runs", "2", "--no-progress",
+        "--threads", "1"]
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_synthetic_mnist(root, "MNIST")
+    write_synthetic_mnist(root, "FashionMNIST")
+    write_synthetic_cifar10(root)
+    return root
+
+
+def _env(data_root):
+    env = dict(os.environ, LEARNED_OPTIM_DATA=str(data_root), OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_cli(args, data_root, **kwargs):
+    return subprocess.run([sys.executable, "-m", "meta_train", *args], env=_env(data_root), cwd=REPO,
+                          capture_output=True, text=True, **kwargs)
+
+
+# ------------------------------------------------------------------------------ curriculum
+def test_curriculum_improve_then_advance_with_fresh_baseline():
+    cl = Curriculum([100, 200, 500], min_evals=3)
+    assert (cl.train_horizon, cl.valid_horizon) == (100, 200)
+    assert cl.observe(5.0) == IMPROVED
+    assert cl.observe(4.0) == IMPROVED
+    assert cl.observe(3.0) == IMPROVED  # improving evaluations keep the stage going past N_period
+    assert cl.observe(4.2) == ADVANCE  # >= 3 evaluations, improved, this one did not: next stage
+    assert (cl.stage, cl.train_horizon, cl.valid_horizon) == (1, 200, 500)
+    with pytest.raises(RuntimeError, match="set_baseline"):
+        cl.observe(1.0)
+    cl.set_baseline(3.0)  # the restored best model validated at the new horizon
+    assert cl.best == 3.0
+    assert cl.observe(3.5) == CONTINUE
+    assert cl.observe(2.5) == IMPROVED
+    assert cl.observe(2.7) == ADVANCE
+    assert cl.last_stage and cl.valid_horizon == 500  # the last stage validates at its own horizon
+
+
+def test_curriculum_stops_when_a_stage_brings_no_improvement():
+    cl = Curriculum([100, 200], min_evals=3)
+    for v in (3.0, 2.0, 2.5):
+        cl.observe(v)
+    cl.set_baseline(1.0)
+    assert [cl.observe(v) for v in (1.5, 1.2, 1.1)] == [CONTINUE, CONTINUE, STOP]
+    assert cl.done
+    with pytest.raises(RuntimeError, match="finished"):
+        cl.observe(0.1)
+
+
+def test_curriculum_keeps_training_while_improving_and_stops_at_last_stage():
+    cl = Curriculum([100], min_evals=2)
+    assert [cl.observe(v) for v in (5, 4, 3, 2)] == [IMPROVED] * 4
+    assert cl.observe(2.5) == STOP and cl.done  # last stage finished
+    cl2 = Curriculum.from_dict(Curriculum([100, 200]).to_dict())
+    assert cl2.horizons == [100, 200]
+    with pytest.raises(ValueError, match="Invalid curriculum"):
+        Curriculum([])
+
+
+# ------------------------------------------------------------------------------ tasks
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_task_gives_finite_loss_and_gradient(name, data_root):
+    task = Task(name, train=True, data_root=data_root)
+    gen = torch.Generator().manual_seed(0)
+    theta = task.init_params(gen)
+    assert theta.numel() == task.num_params and abs(float(theta.std()) - 0.01) < 0.003
+    batch = task.sample_batch(gen)
+    assert batch.x.shape[0] == 128
+    loss, grad = task.loss_and_grad(theta, batch)
+    assert math.isfinite(float(loss)) and grad.shape == theta.shape and torch.isfinite(grad).all()
+    assert abs(float(loss) - math.log(10)) < 0.5  # near-uniform predictions at init
+
+
+def test_cifar10_loader_reads_the_on_disk_format(data_root):
+    from meta_train.data import load_dataset
+
+    x, y = load_dataset("cifar10", train=True, root=data_root)
+    assert x.shape == (100, 3, 32, 32) and x.dtype == torch.float32 and 0 <= float(x.min()) <= float(x.max()) <= 1
+    xt, _ = load_dataset("cifar10", train=False, root=data_root)
+    assert xt.shape == (20, 3, 32, 32) and y.dtype == torch.long
+
+
+def test_missing_dataset_says_where_to_put_it(tmp_path):
+    from meta_train.data import load_dataset
+
+    with pytest.raises(FileNotFoundError, match="LEARNED_OPTIM_DATA"):
+        load_dataset("fashion-mnist", train=True, root=tmp_path / "empty")
+
+
+# ------------------------------------------------------------------------------ unroll & imitation
+@pytest.fixture(scope="module")
+def mlp(data_root):
+    return Task("mlp-orig", train=True, data_root=data_root)
+
+
+def test_meta_unroll_sums_unroll_plus_one_losses_and_reaches_every_weight(mlp):
+    rule = learned_optim.build_rule("dm")
+    gen = torch.Generator().manual_seed(0)
+    traj = start(rule, mlp, gen)
+    loss, nxt, values = meta_unroll(rule, mlp, traj, 5, gen)
+    assert len(values) == 6 and nxt.step == 5 and not nxt.theta.requires_grad
+    torch.testing.assert_close(loss.detach(), torch.tensor(sum(values)), rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in rule.parameters())
+
+
+def test_log_ratio_objective_for_scale(mlp):
+    rule = learned_optim.build_rule("scale")
+    gen = torch.Generator().manual_seed(0)
+    traj = start(rule, mlp, gen)
+    loss, nxt, values = meta_unroll(rule, mlp, traj, 4, gen, objective="log_ratio")
+    expected = sum(math.log(v / (values[0] + 1e-6) + 1e-6) for v in values) / len(values)
+    assert abs(float(loss.detach()) - expected) < 1e-5 and nxt.f0 == values[0]
+    loss.backward()
+
+
+def test_teacher_matches_torch_adam():
+    theta = torch.randn(7)
+    teacher = Teacher("adam", theta)
+    ref = theta.clone().requires_grad_(True)
+    ref_opt = torch.optim.Adam([ref], lr=0.01)
+    for _ in range(3):
+        grad = torch.randn(7)
+        update = teacher.step(theta, grad)
+        ref.grad = grad
+        ref_opt.step()
+        theta = theta + update
+        torch.testing.assert_close(theta, ref.detach())
+    with pytest.raises(ValueError, match="Unknown teacher"):
+        Teacher("lion", theta)
+
+
+def test_imitation_reduces_the_imitation_loss(mlp):
+    torch.manual_seed(0)
+    rule = learned_optim.build_rule("rnnprop")
+    opt = torch.optim.Adam(rule.parameters(), lr=3e-3)
+    losses = []
+    for epoch in range(15):
+        gen = torch.Generator().manual_seed(0)  # the same teacher trajectory every time
+        traj = start(rule, mlp, gen)
+        loss, _ = imitation_unroll(rule, mlp, traj, Teacher("adam", traj.theta), 5, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_self_improving_anneals_to_the_rule():
+    si = SelfImproving(["adam", "sgd", "adagrad"], anneal_epochs=100)
+    assert si.p_aux(0) == pytest.approx(0.75) and si.p_aux(50) == pytest.approx(0.375) and si.p_aux(100) == 0
+
+
+def test_rollout_records_every_step(mlp):
+    losses = rollout(learned_optim.build_rule("dm"), mlp, 7, torch.Generator().manual_seed(0))
+    assert len(losses) == 7 and all(math.isfinite(v) for v in losses)
+
+
+# ------------------------------------------------------------------------------ CLI end to end
+@pytest.mark.parametrize("model", ["dm", "rnnprop", "scale"])
+def test_tiny_end_to_end_run_produces_loadable_weights(model, tmp_path, data_root):
+    out = tmp_path / model
+    proc = run_cli(["--model", model, "--curriculum", "--imitation", "--out", str(out), *TINY], data_root)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("weights.safetensors", "log.jsonl", "checkpoint.pt", "training.png"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert sum(r["type"] == "epoch" for r in records) == 6
+    assert any(r["type"] == "eval" for r in records)
+    meta = learned_optim.read_metadata(out / "weights.safetensors")
+    assert meta["rule"] == model and meta["recipe"]["curriculum"] and meta["recipe"]["horizons"] == [20, 40]
+    assert meta["recipe"]["epochs_run"] == 6
+    cls = {"dm": learned_optim.L2ODM, "rnnprop": learned_optim.RNNprop, "scale": learned_optim.L2OScale}[model]
+    p = torch.zeros(4, requires_grad=True)
+    opt = cls([p], weights=str(out / "weights.safetensors"))
+    p.grad = torch.ones(4)
+    opt.step()
+
+
+def test_self_improving_and_aug_options_run(tmp_path, data_root):
+    proc = run_cli(["--model", "dm", "--self-improving", "--out", str(tmp_path / "si"), *TINY], data_root)
+    assert proc.returncode == 0, proc.stderr
+    assert learned_optim.read_metadata(tmp_path / "si" / "weights.safetensors")["recipe"]["self_improving"]
+
+
+def test_help_explains_the_knobs(data_root):
+    proc = run_cli(["--help"], data_root)
+    for flag in ("--curriculum", "--imitation", "--self-improving", "--aug", "--horizons", "--eval-every",
+                 "--eval-runs", "--imitation-ratio", "--resume", "--device", "--data-root"):
+        assert flag in proc.stdout
+
+
+def test_resume_is_bit_identical(tmp_path, data_root):
+    base = ["--model", "rnnprop", "--curriculum", "--imitation", "--horizons", "20,40", "--eval-every", "2",
+            "--eval-runs", "2", "--no-progress", "--threads", "1", "--imitation-ratio", "0.5"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_cli([*base, "--epochs", "6", "--out", str(straight)], data_root).returncode == 0
+    assert run_cli([*base, "--epochs", "3", "--out", str(split)], data_root).returncode == 0
+    proc = run_cli([*base, "--epochs", "6", "--resume", "--out", str(split)], data_root)
+    assert proc.returncode == 0, proc.stderr
+    assert (straight / "weights.safetensors").read_bytes() == (split / "weights.safetensors").read_bytes()
+
+    def strip(path):
+        return [{k: v for k, v in json.loads(l).items() if k != "elapsed"} for l in path.read_text().splitlines()]
+
+    assert strip(straight / "log.jsonl") == strip(split / "log.jsonl")
+
+
+def test_resume_refuses_a_different_recipe(tmp_path, data_root):
+    out = tmp_path / "r"
+    assert run_cli(["--model", "dm", "--epochs", "2", "--out", str(out), *TINY[:2], "--eval-every", "1",
+                    "--eval-runs", "1", "--no-progress"], data_root).returncode == 0
+    proc = run_cli(["--model", "dm", "--imitation", "--resume", "--epochs", "4", "--out", str(out), *TINY[:2],
+                    "--eval-every", "1", "--eval-runs", "1", "--no-progress"], data_root)
+    assert proc.returncode != 0 and "different recipe" in proc.stderr
+
+
+def _start_long_run(out, data_root):
+    args = ["--model", "dm", "--horizons", "40", "--epochs", "400", "--eval-every", "1", "--eval-runs", "1",
+            "--no-progress", "--threads", "1", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "meta_train", *args], env=_env(data_root), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    return proc, args
+
+
+def test_killed_run_resumes(tmp_path, data_root):
+    out = tmp_path / "killed"
+    proc, args = _start_long_run(out, data_root)
+    time.sleep(0.5)  # a few more epochs, checkpoints written after every validation
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    # a crash in the middle of a checkpoint write leaves only a partial temp file behind
+    (out / "checkpoint.pt.tmp").write_bytes(b"partial garbage")
+    done = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    ckpt_epoch = torch.load(out / "checkpoint.pt", weights_only=False)["epoch"]
+    resumed = run_cli([*args[:args.index("--epochs") + 1], str(ckpt_epoch + 3), *args[args.index("--epochs") + 2:],
+                       "--resume"], data_root)
+    assert resumed.returncode == 0, resumed.stderr
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    epochs = [r["epoch"] for r in records if r["type"] == "epoch"]
+    assert epochs == list(range(1, ckpt_epoch + 4))  # nothing lost, nothing duplicated
+    assert done["epoch"] >= ckpt_epoch
+    learned_optim.load_rule(out / "weights.safetensors")
+
+
+def test_sigterm_checkpoints_and_exits(tmp_path, data_root):
+    out = tmp_path / "term"
+    proc, _ = _start_long_run(out, data_root)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    epochs = [json.loads(l)["epoch"] for l in (out / "log.jsonl").read_text().splitlines()
+              if json.loads(l)["type"] == "epoch"]
+    assert ckpt["epoch"] == epochs[-1]  # the checkpoint holds every logged epoch
+
+
+def test_two_processes_with_torchrun(tmp_path, data_root):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "meta_train", "--model", "dm", "--imitation", "--out", str(out), "--horizons", "20",
+           "--epochs", "4", "--eval-every", "2", "--eval-runs", "2", "--no-progress", "--threads", "1"]
+    proc = subprocess.run(cmd, env=_env(data_root), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = learned_optim.read_metadata(out / "weights.safetensors")
+    assert meta["recipe"]["world_size"] == 2
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert len(ckpt["generators"]) == 2 and ckpt["epoch"] == 4
+    # rank 0 alone writes: one line per epoch
+    assert sum(json.loads(l)["type"] == "epoch" for l in (out / "log.jsonl").read_text().splitlines()) == 4
