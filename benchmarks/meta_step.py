@@ -156,6 +156,8 @@ def main(argv=None) -> dict:
     if args.repeats < 1 or args.warmup < 0 or args.unroll < 1:
         raise SystemExit("--repeats and --unroll must be >= 1, --warmup >= 0")
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
 
     def sync():
         if device.type == "cuda":

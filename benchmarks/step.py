@@ -168,6 +168,30 @@ def peak_temp_bytes(fn: Callable[[], None], device: torch.device) -> int | None:
     return max(itertools.accumulate(a for _, a in allocs), default=0)
 
 
+def mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# state bytes per parameter, and temporaries of one step (measured: L2O-Scale ~790 B per parameter of the
+# whole group; the chunked rules ~1150 B per coordinate of one chunk)
+_STATE_B = {"adam": 8, "dm": 320, "rnnprop": 328, "scale": 84, "dm_bf16": 160}
+
+
+def estimate_bytes(n: int, names: list[str], chunk_size: int) -> int:
+    params = 8 * n * len(names)  # each optimizer's own parameters + gradients
+    state = sum(_STATE_B[k] * n for k in names)
+    temp = max([4 * n] + [800 * n if k == "scale" else 1200 * min(n, chunk_size) for k in names if k != "adam"])
+    floors = 57 * 4 * min(n, SCALE_FLOOR_PIECE) if "scale" in names else 0
+    return int(1.1 * (params + state + temp + floors)) + (256 << 20)
+
+
 # ---------------------------------------------------------------------- GEMM floors
 def gemm_floor(rule: str, n: int, num_tensors: int, chunk_size: int, device: torch.device) -> Callable[[], None]:
     """The rule's bare matrix products on random feature-major inputs: torch.mm into preallocated outputs,
@@ -219,11 +243,17 @@ def gemm_floor(rule: str, n: int, num_tensors: int, chunk_size: int, device: tor
 def run_case(size: str, shape: str, args, device: torch.device) -> dict:
     n = SIZES[size]
     shapes = layout(n, shape)
-    names = ["adam"] + [m for m in args.models]
+    names = ["adam"] + list(args.models)
     if args.bf16_size == size and "dm" in args.models:
         names.append("dm_bf16")
+    need, avail = estimate_bytes(n, names, args.chunk_size), mem_available()
+    if device.type == "cpu" and avail is not None and need > avail and not args.force:
+        msg = (f"skipped: needs ~{need / 2**30:.1f} GiB (all optimizers alive at once), MemAvailable "
+               f"{avail / 2**30:.1f} GiB; --force to run anyway, or fewer --models")
+        print(f"# {size} {shape}: {msg}", file=sys.stderr, flush=True)
+        return {"size": size, "n_params": n, "shape": shape, "n_tensors": len(shapes), "skipped": msg}
     opts: dict[str, torch.optim.Optimizer] = {}
-    for i, name in enumerate(names):
+    for name in names:
         params = make_params(shapes, device, seed=args.seed, grad_std=args.grad_std)
         if name == "adam":
             opts[name] = torch.optim.Adam(params, lr=1e-3, foreach=True)
@@ -238,9 +268,22 @@ def run_case(size: str, shape: str, args, device: torch.device) -> dict:
     keys = list(fns)
     times: dict[str, list[float]] = {k: [] for k in keys}
     usage = {k: [0.0, 0.0, 0] for k in keys}  # user s, sys s, minor page faults over the timed runs
+    memory: dict[str, dict] = {}
+
+    def probe(name: str) -> None:  # one step under the memory probe (after the state exists)
+        try:
+            peak = peak_temp_bytes(opts[name].step, device)
+            memory[name] = {"peak_temp_bytes": peak, "peak_temp_bytes_per_param": None if peak is None else peak / n}
+        except Exception as exc:  # the profiler API is private; never lose the timings over it
+            memory[name] = {"peak_temp_bytes": None, "peak_temp_error": f"{type(exc).__name__}: {exc}"}
+
+    probe_round = args.warmup - 1 if args.warmup >= 2 else None  # the last warm-up round: no extra steps
     for r in range(args.warmup + args.repeats):
         order = keys[r % len(keys):] + keys[: r % len(keys)]  # rotate: no optimizer always runs first
         for k in order:
+            if r == probe_round and k in opts and not args.no_memory:
+                probe(k)
+                continue
             sync(device)
             ru0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
@@ -277,13 +320,9 @@ def run_case(size: str, shape: str, args, device: torch.device) -> dict:
                 entry["gemm_floor"] = floor
                 entry["step_over_gemm_floor"] = entry["median_ms"] / floor["median_ms"]
         if not args.no_memory:
-            try:
-                peak = peak_temp_bytes(opt.step, device)
-                entry["peak_temp_bytes"] = peak
-                entry["peak_temp_bytes_per_param"] = None if peak is None else peak / n
-            except Exception as exc:  # the profiler API is private; never lose the timings over it
-                entry["peak_temp_bytes"] = None
-                entry["peak_temp_error"] = f"{type(exc).__name__}: {exc}"
+            if name not in memory:  # fewer than 2 warm-up rounds: probe after the timing
+                probe(name)
+            entry.update(memory[name])
         result["optimizers"][name] = entry
     del opts, fns
     gc.collect()
@@ -306,6 +345,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--no-memory", action="store_true", help="skip the profiler memory measurement")
     ap.add_argument("--no-gemm-floor", action="store_true")
+    ap.add_argument("--force", action="store_true", help="run a case even if it looks too big for MemAvailable")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -321,6 +361,8 @@ def main(argv=None) -> dict:
         if s not in ("matrix", "many"):
             raise SystemExit(f"unknown shape {s!r}")
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
     out = {"benchmark": "step", "schema_version": 1, "env": env_info(device),
@@ -354,6 +396,8 @@ def main(argv=None) -> dict:
             case = run_case(size, shape, args, device)
             case["wall_s"] = time.perf_counter() - t0
             out["results"].append(case)
+            if "skipped" in case:
+                continue
             print(f"# {size} {shape}: " + ", ".join(f"{k} {v['median_ms']:.3g} ms"
                                                     for k, v in case["optimizers"].items())
                   + f" ({case['wall_s']:.0f} s)", file=sys.stderr, flush=True)

@@ -59,7 +59,7 @@ class LearnedOptimizer(Optimizer):
     rule_name: str | None = None  # set by the subclasses; checked against the weight file
 
     def __init__(self, params: Iterable, rule: Rule | None = None, *, weights: str | None = None, lr: float = 1.0,
-                 maximize: bool = False, chunk_size: int = 1 << 16, state_dtype: torch.dtype = torch.float32,
+                 maximize: bool = False, chunk_size: int = 8192, state_dtype: torch.dtype = torch.float32,
                  nonfinite: str = "skip", revision: str | None = None, cache_dir=None,
                  local_files_only: bool | None = None, endpoint: str | None = None, token=None):
         if isinstance(lr, Tensor):
@@ -93,7 +93,7 @@ class LearnedOptimizer(Optimizer):
             for p in group["params"]:
                 if p.is_sparse:
                     raise ValueError(f"{type(self).__name__} does not support sparse parameters")
-        self.rule = rule.eval().requires_grad_(False)
+        self.rule = rule  # run under no_grad; the caller's module is not modified (it may be in training)
         self.weights = None if weights is None else str(weights)
         self.chunk_size = chunk_size
         self.state_dtype = state_dtype
@@ -116,7 +116,7 @@ class LearnedOptimizer(Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("maximize", False)
-        defaults = {"weights": None, "chunk_size": 1 << 16, "state_dtype": torch.float32, "nonfinite": "skip",
+        defaults = {"weights": None, "chunk_size": 8192, "state_dtype": torch.float32, "nonfinite": "skip",
                     "_rule_copies": {}, "_pending_state": None}
         for key, value in defaults.items():
             self.__dict__.setdefault(key, value)

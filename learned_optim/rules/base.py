@@ -79,9 +79,15 @@ def lstm_cell(x: Tensor, h: Tensor, c: Tensor, cell: nn.LSTMCell) -> Tuple[Tenso
     weight = torch.cat((cell.weight_ih, cell.weight_hh), dim=1)
     gates = torch.addmm((cell.bias_ih + cell.bias_hh)[:, None], weight, torch.cat((x, h), dim=0))
     i, f, g, o = gates.chunk(4, dim=0)
-    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h_new = torch.sigmoid(o) * torch.tanh(c_new)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * fast_tanh(g)
+    h_new = torch.sigmoid(o) * fast_tanh(c_new)
     return h_new, c_new
+
+
+def fast_tanh(x: Tensor) -> Tensor:
+    """tanh(x) = 2 sigmoid(2x) - 1. On the CPU builds we ship against, ``torch.tanh`` is about 10x
+    slower than ``torch.sigmoid`` (benchmarks/README.md); this form costs a few ulp (abs. error ~2e-7)."""
+    return torch.sigmoid(2.0 * x).mul(2.0).sub(1.0)
 
 
 def init_lstm_sonnet_(cell: nn.LSTMCell, forget_bias: float = 1.0) -> None:

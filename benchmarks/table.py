@@ -1,0 +1,125 @@
+"""Markdown tables from benchmarks/results/step.json and meta_step.json.
+
+    python benchmarks/table.py                                  # print the tables
+    python benchmarks/table.py --readme benchmarks/README.md    # also put them between the markers
+
+With ``--readme`` the text between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is replaced;
+if either marker is missing the file is left untouched and the exit status is 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _ms(x: float) -> str:
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    if x >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3f}"
+
+
+def _ms_iqr(entry: dict) -> str:
+    lo, hi = entry["iqr_ms"]
+    return f"{_ms(entry['median_ms'])} ({_ms(lo)}–{_ms(hi)})"
+
+
+def _env_line(data: dict) -> str:
+    env = data.get("env", {})
+    la0, la1 = env.get("load_avg_start"), env.get("load_avg_end")
+    load = f"load avg {la0[0]:.2f} → {la1[0]:.2f}" if la0 and la1 else "load avg unknown"
+    return (f"torch {env.get('torch')}, {env.get('threads')} thread(s), {env.get('cpu_model')} "
+            f"({env.get('cpu_count')} CPUs), device {env.get('device')}, {load}, {env.get('started', '')}; "
+            f"`{data.get('command', '')}`")
+
+
+def step_table(data: dict) -> str:
+    lines = ["### `optimizer.step()` (benchmarks/step.py)", "", _env_line(data), "",
+             "| size | shape | tensors | optimizer | step ms, median (IQR) | × Adam | rule GFLOP/s | GEMM floor ms "
+             "| step / floor | sys time | state B/param | peak temp MB |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for case in data.get("results", []):
+        head = f"| {case['size']} | {case['shape']} | {case.get('n_tensors', '')} "
+        if "skipped" in case:
+            lines.append(head + f"| — | {case['skipped']} | | | | | | | |")
+            continue
+        for name, e in case["optimizers"].items():
+            floor = e.get("gemm_floor")
+            peak = e.get("peak_temp_bytes")
+            cells = [name, _ms_iqr(e), f"{e['ratio_to_adam']:.1f}",
+                     f"{e['gflops_per_s']:.1f}" if "gflops_per_s" in e else "",
+                     _ms(floor["median_ms"]) if floor else "",
+                     f"{e['step_over_gemm_floor']:.1f}" if "step_over_gemm_floor" in e else "",
+                     f"{100 * e['sys_fraction']:.0f}%" if "sys_fraction" in e else "",
+                     f"{e['state_bytes_per_param']:.0f}",
+                     f"{peak / 1e6:.1f}" if isinstance(peak, (int, float)) else "n/a"]
+            lines.append(head + "| " + " | ".join(cells) + " |")
+    cfg = data.get("config", {})
+    lines += ["", f"Rule GFLOP/s counts only the rule's matrix products ({cfg.get('flops_per_coordinate')} flops "
+                  "per coordinate); the GEMM floor is those products alone; sys time = share of the step's CPU time "
+                  "spent in the kernel (page faults); peak temp = allocations of one step beyond the existing state."]
+    return "\n".join(lines)
+
+
+def meta_table(data: dict) -> str:
+    cfg = data.get("config", {})
+    src = cfg.get("data", {}).get("source", "?")
+    lines = ["### Meta-training step (benchmarks/meta_step.py)", "", _env_line(data), "",
+             f"Task {cfg.get('task')} ({cfg.get('optimizee_params')} parameters, batch {cfg.get('batch_size')}, "
+             f"{src} data), unroll {cfg.get('unroll')}, {cfg.get('meta_optimizer')}; ms per unrolled step.", "",
+             "| model | meta-train ms/step (IQR) | optimizee fwd+bwd ms/step (IQR) | meta / fwd+bwd "
+             "| no-grad rollout ms/step | rollout / fwd+bwd |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for model, r in data.get("results", {}).items():
+        lines.append(f"| {model} | {_ms_iqr(r['meta_ms_per_step'])} | {_ms_iqr(r['plain_fwd_bwd_ms_per_step'])} "
+                     f"| {r['ratio_meta_to_plain']:.1f} | {_ms_iqr(r['rollout_ms_per_step'])} "
+                     f"| {r['ratio_rollout_to_plain']:.1f} |")
+    return "\n".join(lines)
+
+
+def render(step_path: Path, meta_path: Path) -> str:
+    parts = []
+    for path, fn in ((step_path, step_table), (meta_path, meta_table)):
+        if path.exists():
+            parts.append(fn(json.loads(path.read_text())))
+        else:
+            parts.append(f"_(no {path.name} yet)_")
+    return "\n\n".join(parts)
+
+
+def replace_between_markers(text: str, body: str) -> str | None:
+    i, j = text.find(START), text.find(END)
+    if i < 0 or j < 0 or j < i:
+        return None
+    return text[: i + len(START)] + "\n" + body + "\n" + text[j:]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--step", type=Path, default=HERE / "results" / "step.json")
+    ap.add_argument("--meta", type=Path, default=HERE / "results" / "meta_step.json")
+    ap.add_argument("--readme", type=Path, default=None, help="replace the text between the bench markers")
+    args = ap.parse_args(argv)
+    body = render(args.step, args.meta)
+    print(body)
+    if args.readme is not None:
+        text = args.readme.read_text()
+        new = replace_between_markers(text, body)
+        if new is None:
+            print(f"{args.readme}: markers {START} ... {END} not found; file left untouched", file=sys.stderr)
+            return 1
+        if new != text:
+            args.readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
