@@ -88,6 +88,7 @@ class RunSpec:
     data_root: str | None = None
     device: str = "cpu"
     data_tag: str = ""  # the dataset name, or "injected" when tensors were passed in
+    state_dtype: str = "float32"  # learned optimizers: dtype of the recurrent state
 
     @property
     def run_id(self) -> str:
@@ -97,7 +98,8 @@ class RunSpec:
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a stored seed to be reused (not the label, seeds or paths)."""
         return {"optimizer": self.rule or self.optimizer, "weights_sha256": self.weights_sha256, "task": self.task,
-                "lr": self.lr, "steps": self.steps, "device": self.device, "data": self.data_tag, "split": "test"}
+                "lr": self.lr, "steps": self.steps, "device": self.device, "data": self.data_tag, "split": "test",
+                "state_dtype": self.state_dtype}
 
 
 def parse_lr_grid(text: str) -> tuple[float, ...]:
@@ -135,7 +137,8 @@ def _as_seeds(seeds: int | Iterable[int]) -> tuple[int, ...]:
 
 def make_spec(optimizer: str, task: str, *, lr: float | None = None, steps: int = 10000,
               seeds: int | Iterable[int] = 10, label: str | None = None, grid_point: bool = False,
-              data_root: str | None = None, device: str = "cpu", injected_data: bool = False) -> RunSpec:
+              data_root: str | None = None, device: str = "cpu", injected_data: bool = False,
+              state_dtype: str = "float32") -> RunSpec:
     """Validate and resolve one evaluation point (learned weights are resolved and hashed here, once)."""
     from learned_optim import read_metadata, resolve_weights
     from learned_optim.weights import sha256_file
@@ -147,6 +150,8 @@ def make_spec(optimizer: str, task: str, *, lr: float | None = None, steps: int 
     if steps < 1:
         raise EvaluationError(f"steps must be >= 1, got {steps}")
     rule = weights_path = sha = None
+    if state_dtype not in ("float32", "bfloat16", "float16"):
+        raise EvaluationError(f"Invalid state dtype {state_dtype!r} (float32, bfloat16 or float16)")
     if optimizer in BASELINES:
         if lr is None:
             raise EvaluationError(f"{optimizer} needs an lr (or evaluate a grid)")
@@ -158,7 +163,7 @@ def make_spec(optimizer: str, task: str, *, lr: float | None = None, steps: int 
                    label=sanitize_label(label) if label else default_label(str(optimizer)), grid_point=grid_point,
                    rule=rule, weights_path=weights_path, weights_sha256=sha,
                    data_root=None if data_root is None else str(data_root), device=str(device),
-                   data_tag="injected" if injected_data else TASKS[task][1])
+                   data_tag="injected" if injected_data else TASKS[task][1], state_dtype=state_dtype)
 
 
 # ----------------------------------------------------------------------------------- one seed
@@ -184,7 +189,8 @@ def build_optimizer(spec: RunSpec, params) -> torch.optim.Optimizer:
         return cls(params, lr=spec.lr)
     import learned_optim
 
-    return getattr(learned_optim, LEARNED_CLASSES[spec.rule])(params, weights=spec.weights_path, lr=spec.lr)
+    return getattr(learned_optim, LEARNED_CLASSES[spec.rule])(params, weights=spec.weights_path, lr=spec.lr,
+                                                              state_dtype=getattr(torch, spec.state_dtype))
 
 
 def round6(value: float) -> float | None:
@@ -418,13 +424,14 @@ def evaluate(optimizer: str, task: str, *, lr: float | None = None, steps: int =
              seeds: int | Iterable[int] = 10, out: str | os.PathLike, label: str | None = None,
              data_root: str | None = None, device: str = "cpu", workers: int | None = None,
              data: tuple[torch.Tensor, torch.Tensor] | None = None, command: str | None = None,
-             progress: bool = True, plot: bool = True, threads: int | None = 1) -> dict[str, Any]:
+             progress: bool = True, plot: bool = True, threads: int | None = 1,
+             state_dtype: str = "float32") -> dict[str, Any]:
     """Evaluate ``optimizer`` at one lr on ``task``; writes ``{label}__{task}.json`` and returns it.
 
     ``data=(x, y)`` replaces the task's dataset (tests); ``seeds`` is a count (0..n-1) or the seeds.
     """
     spec = make_spec(optimizer, task, lr=lr, steps=steps, seeds=seeds, label=label, data_root=data_root,
-                     device=device, injected_data=data is not None)
+                     device=device, injected_data=data is not None, state_dtype=state_dtype)
     (result,) = run_specs([spec], out, workers=workers, data=data, command=command, progress=progress,
                           threads=threads)
     if plot:
@@ -449,10 +456,12 @@ def evaluate_grid(optimizer: str, task: str, lrs: Sequence[float] = DEFAULT_LR_G
                   seeds: int | Iterable[int] = 10, out: str | os.PathLike, label: str | None = None,
                   data_root: str | None = None, device: str = "cpu", workers: int | None = None,
                   data: tuple[torch.Tensor, torch.Tensor] | None = None, command: str | None = None,
-                  progress: bool = True, plot: bool = True, threads: int | None = 1) -> dict[str, Any]:
+                  progress: bool = True, plot: bool = True, threads: int | None = 1,
+                  state_dtype: str = "float32") -> dict[str, Any]:
     """Evaluate ``optimizer`` at every lr of ``lrs``; writes each point and ``{label}__{task}__grid.json``."""
     specs = [make_spec(optimizer, task, lr=lr, steps=steps, seeds=seeds, label=label, grid_point=True,
-                       data_root=data_root, device=device, injected_data=data is not None) for lr in lrs]
+                       data_root=data_root, device=device, injected_data=data is not None,
+                       state_dtype=state_dtype) for lr in lrs]
     results = run_specs(specs, out, workers=workers, data=data, command=command, progress=progress,
                         threads=threads)
     summary = grid_summary(specs, results, command)
@@ -556,6 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=None, help="worker processes (default min(seeds, cpu count))")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per seed (default 1)")
+    ap.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="learned optimizers: dtype of the recurrent state (state_dtype=)")
     ap.add_argument("--label", default=None, help="name in files, plots and tables (default from --optimizer)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
@@ -578,6 +589,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     common = dict(steps=args.steps, seeds=args.seeds, out=args.out, label=args.label, data_root=args.data_root,
                   device=args.device, workers=args.workers, command=command, progress=not args.no_progress,
                   threads=args.threads)
+    if args.state_dtype != "float32":
+        common["state_dtype"] = args.state_dtype
     try:
         if grid is not None:
             summary = evaluate_grid(args.optimizer, args.task, grid, **common)
