@@ -234,3 +234,10 @@ def test_report_table_and_readme(tmp_path, data, dm_weights, capsys):
     assert report.main([str(results), "--readme", str(no_markers)]) == 1
     assert no_markers.read_text() == "# nothing to replace\n"
     assert "| task |" in capsys.readouterr().out
+
+
+def test_bf16_recurrent_state_option(tmp_path, data, dm_weights):
+    fp32 = run(str(dm_weights), tmp_path, data)
+    bf16 = run(str(dm_weights), tmp_path / "bf16", data, state_dtype="bfloat16", label="dm-bf16")
+    assert bf16["fingerprint"]["state_dtype"] == "bfloat16" and fp32["fingerprint"]["state_dtype"] == "float32"
+    assert [c[0] for c in bf16["losses"]] == [c[0] for c in fp32["losses"]]  # same start, different state dtype
