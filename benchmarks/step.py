@@ -336,7 +336,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--models", default="dm,rnnprop,scale", help="learned optimizers to time next to Adam")
     ap.add_argument("--repeats", type=int, default=10, help="timed steps per optimizer (default 10)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    ap.add_argument("--chunk-size", type=int, default=1 << 16, help="the learned optimizers' chunk_size")
+    ap.add_argument("--chunk-size", type=int, default=None,
+                    help="the learned optimizers' chunk_size (default: the optimizer's own default)")
     ap.add_argument("--bf16-size", default="1M", help="size at which L2ODM(state_dtype=bfloat16) is also timed "
                                                       "('' to skip)")
     ap.add_argument("--grad-std", type=float, default=0.01)
@@ -348,6 +349,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--force", action="store_true", help="run a case even if it looks too big for MemAvailable")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
+    if args.chunk_size is None:
+        import inspect
+
+        args.chunk_size = inspect.signature(learned_optim.LearnedOptimizer).parameters["chunk_size"].default
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.warmup < 0 or args.repeats < 1:

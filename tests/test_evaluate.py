@@ -241,3 +241,19 @@ def test_bf16_recurrent_state_option(tmp_path, data, dm_weights):
     bf16 = run(str(dm_weights), tmp_path / "bf16", data, state_dtype="bfloat16", label="dm-bf16")
     assert bf16["fingerprint"]["state_dtype"] == "bfloat16" and fp32["fingerprint"]["state_dtype"] == "float32"
     assert [c[0] for c in bf16["losses"]] == [c[0] for c in fp32["losses"]]  # same start, different state dtype
+
+
+def test_claims_are_computed_from_results():
+    from meta_train.report import claims_markdown
+
+    def cell(mean, diverged=0, curve=(2.3, 0.5, 0.1)):
+        return {"final_ln_loss_mean": mean, "diverged": diverged, "seeds": [0], "losses": [list(curve)]}
+
+    cells = {("mlp-orig", "dm"): cell(0.5, diverged=1), ("mlp-orig", "dm-cl"): cell(-2.0),
+             ("mlp-orig", "dm-il"): cell(-1.0), ("mlp-orig", "dm-cl-il"): cell(-3.0), ("mlp-orig", "adam"): cell(-6.0)}
+    text = claims_markdown(cells)
+    assert "(a) vanilla L2O-DM" in text and "1/1 seeds diverged" in text
+    assert "(b) CL and IL each improve L2O-DM, CL+IL most (MLP-orig): dm 0.50, dm-cl -2.00, dm-il -1.00, " \
+           "dm-cl-il -3.00: **held**" in text
+    assert "(c)" in text and "**not checked**" in text  # conv-mnist missing
+    assert "dm-cl-il -3.00 vs released -5.6" in text
