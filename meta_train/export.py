@@ -20,6 +20,21 @@ def export_weights(rule: Rule, path: Path, *, recipe: dict, evaluation: dict | N
     return save_weights(rule, path, recipe=recipe, evaluation=evaluation)
 
 
+SUMMARY_KEYS = ("task", "steps", "lr", "final_ln_loss_mean", "final_ln_loss_std", "diverged", "nonfinite", "command",
+                "weights_sha256")
+
+
+def summarize_evaluations(paths: list[Path]) -> dict:
+    """{task: summary} from ``meta_train.evaluate`` result files (the curves are left out)."""
+    out = {}
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        summary = {k: result.get(k) for k in SUMMARY_KEYS}
+        summary["seeds"] = len(result.get("seeds", []))
+        out[result["task"]] = summary
+    return out
+
+
 def bundle(run_dir: Path, name: str, pretrained_dir: Path, evaluation: dict | None = None,
            notes: str | None = None) -> Path:
     src = Path(run_dir) / "weights.safetensors"
@@ -51,10 +66,11 @@ def main(argv=None) -> None:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("name")
     ap.add_argument("--pretrained-dir", type=Path, default=Path("pretrained"))
-    ap.add_argument("--evaluation", type=Path, help="JSON file with an evaluation summary to embed")
+    ap.add_argument("--evaluation", type=Path, nargs="*", default=[],
+                    help="meta_train.evaluate result files whose summaries (not curves) are embedded, one per task")
     ap.add_argument("--notes", help="free text recorded in the recipe (e.g. how the recipe was shortened)")
     args = ap.parse_args(argv)
-    evaluation = json.loads(args.evaluation.read_text()) if args.evaluation else None
+    evaluation = summarize_evaluations(args.evaluation) if args.evaluation else None
     print(bundle(args.run_dir, args.name, args.pretrained_dir, evaluation, args.notes))
 
 

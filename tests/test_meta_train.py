@@ -302,3 +302,27 @@ def test_two_processes_with_torchrun(tmp_path, data_root):
     assert len(ckpt["generators"]) == 2 and ckpt["epoch"] == 4
     # rank 0 alone writes: one line per epoch
     assert sum(json.loads(l)["type"] == "epoch" for l in (out / "log.jsonl").read_text().splitlines()) == 4
+
+
+def test_bundle_pins_sha_writes_card_and_resolves(tmp_path, monkeypatch):
+    from learned_optim import weights as W
+    from meta_train.export import bundle, summarize_evaluations
+
+    run = tmp_path / "run"
+    run.mkdir()
+    learned_optim.save_weights(learned_optim.build_rule("dm"), run / "weights.safetensors", recipe={"epochs_run": 3})
+    (run / "log.jsonl").write_text(json.dumps({"type": "epoch", "epoch": 3, "elapsed": 12.5}) + "\n")
+    result = tmp_path / "dm__mlp-orig.json"
+    result.write_text(json.dumps({"task": "mlp-orig", "steps": 10, "lr": 1.0, "final_ln_loss_mean": -1.0,
+                                  "final_ln_loss_std": 0.1, "diverged": 0, "seeds": [0, 1], "losses": [[1.0]]}))
+    pretrained = tmp_path / "pretrained"
+    dst = bundle(run, "my-dm", pretrained, summarize_evaluations([result]), notes="shortened")
+    registry = json.loads((pretrained / "registry.json").read_text())
+    assert registry["my-dm"]["sha256"] == W.sha256_file(dst) and registry["my-dm"]["rule"] == "dm"
+    meta = learned_optim.read_metadata(dst)
+    assert meta["recipe"]["wall_clock_s"] == 12.5 and meta["recipe"]["notes"] == "shortened"
+    assert meta["evaluation"]["mlp-orig"]["seeds"] == 2 and "losses" not in meta["evaluation"]["mlp-orig"]
+    assert (pretrained / "my-dm.md").read_text().startswith("---\nlicense:")
+    monkeypatch.setattr(W, "pretrained_dir", lambda: pretrained)
+    assert learned_optim.available_weights() == ["my-dm"]
+    learned_optim.L2ODM([torch.zeros(2, requires_grad=True)], weights="my-dm")
