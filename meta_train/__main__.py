@@ -2,7 +2,7 @@
 
 Meta-trains a learned optimizer with the techniques of Chen et al. (NeurIPS 2020) and writes
 DIR/weights.safetensors (loadable by learned_optim), DIR/log.jsonl, DIR/checkpoint.pt and
-DIR/training.png. Several processes: torchrun --nproc_per_node N -m meta_train ...
+DIR/training.png. Several processes: torchrun --standalone --nproc_per_node N -m meta_train ...
 """
 from __future__ import annotations
 
