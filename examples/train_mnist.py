@@ -55,7 +55,7 @@ def train(model, opt, x, y, steps: int, seed: int) -> list[float]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=None, help="bundled name, .safetensors path or hf:// reference "
-                                                    "(default: the first bundled RNNprop/L2O-DM weights)")
+                                                    "(default: the bundled rnnprop-cl-il)")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--adam-lr", type=float, default=1e-2)
     ap.add_argument("--data-root", default=os.environ.get("LEARNED_OPTIM_DATA", "data"))
@@ -67,6 +67,7 @@ def main(argv=None) -> None:
     weights = args.weights
     if weights is None:
         names = learned_optim.available_weights("rnnprop") + learned_optim.available_weights("dm")
+        names.sort(key=lambda n: not n.endswith("cl-il"))  # the curriculum + imitation weights first
         if not names:
             raise SystemExit("no bundled weights in this install: pass --weights PATH or hf://org/repo")
         weights = names[0]
