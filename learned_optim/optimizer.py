@@ -40,6 +40,23 @@ def _real_view(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def _memory_order_view(t: Tensor) -> Tensor | None:
+    """A 1-D view of ``t``'s elements in memory order, or None when ``t`` has gaps or overlaps.
+
+    Coordinate-wise rules do not care in which order coordinates come, only that gradient,
+    parameter and state agree: a transposed (non-contiguous but dense) parameter is then processed
+    in place, chunk by chunk, without any copy.
+    """
+    if t.is_contiguous():
+        return t.view(-1)
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size != 1 and stride != expected:
+            return None
+        expected *= size
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
 class LearnedOptimizer(Optimizer):
     """Run a learned update rule as a ``torch.optim.Optimizer``.
 
@@ -192,14 +209,22 @@ class LearnedOptimizer(Optimizer):
             if kind == "global" and f"group_{key}" not in owner:
                 owner[f"group_{key}"] = init[key].to(fresh[0].device, self.state_dtype).clone()
 
-    def _apply_update(self, p: Tensor, flat_update: Tensor, start: int, lr: float) -> None:
-        target = _real_view(p)
-        if target.is_contiguous():
-            target.view(-1)[start: start + flat_update.numel()].add_(flat_update.to(target.dtype), alpha=lr)
-        else:  # rare: a non-contiguous parameter is updated through a contiguous copy
-            tmp = target.contiguous()
-            tmp.view(-1)[start: start + flat_update.numel()].add_(flat_update.to(target.dtype), alpha=lr)
-            target.copy_(tmp)
+    @staticmethod
+    def _flat_pair(p: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(flat gradient, flat update target, buffer to add to ``p`` afterwards or None), in one order.
+
+        Dense parameters (contiguous or permuted, e.g. transposed) are read and updated in place in
+        memory order; a parameter with gaps gets one contiguous gradient copy and one update buffer,
+        applied once after all its chunks (not a full copy per chunk).
+        """
+        target, grad = _real_view(p), _real_view(p.grad)
+        flat_p = _memory_order_view(target)
+        if flat_p is not None and grad.stride() == target.stride():
+            return _memory_order_view(grad), flat_p, None
+        if flat_p is not None:  # dense parameter, gradient with another layout: bring it to p's layout
+            return _memory_order_view(torch.empty_like(target).copy_(grad)), flat_p, None
+        buffer = torch.zeros(target.numel(), dtype=target.dtype, device=target.device)
+        return grad.reshape(-1), buffer, buffer
 
     def _step_coordinatewise(self, group: dict, params: list[Tensor]) -> None:
         lr, sign = group["lr"], (-1.0 if group["maximize"] else 1.0)
@@ -207,6 +232,7 @@ class LearnedOptimizer(Optimizer):
         keys = [k for k, kind in rule.state_kinds().items() if kind == "coord"]
         for p in params:
             self.state[p]["step"] += 1
+        flats = {p: self._flat_pair(p) for p in params}
         # plan: pieces (param, start, length) packed into chunks of <= chunk_size coordinates
         chunk: list[tuple[Tensor, int, int]] = []
         room = self.chunk_size
@@ -219,13 +245,16 @@ class LearnedOptimizer(Optimizer):
                 start += take
                 room -= take
                 if room == 0:
-                    self._run_chunk(rule, chunk, keys, lr, sign)
+                    self._run_chunk(rule, chunk, flats, keys, lr, sign)
                     chunk, room = [], self.chunk_size
         if chunk:
-            self._run_chunk(rule, chunk, keys, lr, sign)
+            self._run_chunk(rule, chunk, flats, keys, lr, sign)
+        for p, (_, _, buffer) in flats.items():
+            if buffer is not None:
+                _real_view(p).add_(buffer.view(_real_view(p).shape))
 
-    def _run_chunk(self, rule: Rule, chunk, keys, lr: float, sign: float) -> None:
-        grads = [_real_view(p.grad).reshape(-1)[s: s + n] for p, s, n in chunk]
+    def _run_chunk(self, rule: Rule, chunk, flats, keys, lr: float, sign: float) -> None:
+        grads = [flats[p][0][s: s + n] for p, s, n in chunk]
         g = (grads[0] if len(grads) == 1 else torch.cat(grads)).to(torch.float32)
         if sign < 0:
             g = -g
@@ -245,7 +274,7 @@ class LearnedOptimizer(Optimizer):
             rows = slice(offset, offset + n)
             for k in keys:
                 self.state[p][k][..., s: s + n].copy_(new_state[k][..., rows])
-            self._apply_update(p, update[rows], s, lr)
+            flats[p][1][s: s + n].add_(update[rows].to(flats[p][1].dtype), alpha=lr)
             offset += n
 
     def _drop_nonfinite(self, params: list[Tensor]) -> list[Tensor]:
@@ -267,7 +296,8 @@ class LearnedOptimizer(Optimizer):
         rule = self._rule_on(params[0].device)
         kinds = rule.state_kinds()
         owner = self.state[group["params"][0]]
-        g = torch.cat([_real_view(p.grad).reshape(-1) for p in params]).to(torch.float32)
+        flats = {p: self._flat_pair(p) for p in params}
+        g = torch.cat([flats[p][0] for p in params]).to(torch.float32)
         if sign < 0:
             g = -g
         state: dict[str, Tensor] = {}
@@ -290,7 +320,10 @@ class LearnedOptimizer(Optimizer):
                     self.state[p][key].copy_(new_state[key][..., offset: offset + n])
                 elif kind == "tensor":
                     self.state[p][key].copy_(new_state[key][..., i: i + 1])
-            self._apply_update(p, update[offset: offset + n], 0, lr)
+            _, flat_p, buffer = flats[p]
+            flat_p.add_(update[offset: offset + n].to(flat_p.dtype), alpha=lr)
+            if buffer is not None:
+                _real_view(p).add_(buffer.view(_real_view(p).shape))
             offset += n
         for key, kind in kinds.items():
             if kind == "global":

@@ -75,7 +75,7 @@ def meta_unroll(rule: Rule, task: Task, traj: Trajectory, unroll: int, generator
         meta_loss = torch.log(torch.stack(losses) / (f0 + 1e-6) + 1e-6).mean()
     else:
         raise ValueError(f"Unknown objective {objective!r}")
-    values = [float(v) for v in torch.stack(losses).detach()]
+    values = torch.stack(losses).detach().tolist()
     f0 = traj.f0 if traj.f0 is not None else values[0]
     return meta_loss, Trajectory(theta.detach(), detach_state(state), traj.step + unroll, f0), values
 
