@@ -69,9 +69,40 @@ class Curriculum:
         self.awaiting_baseline = True
         return ADVANCE
 
+    def extend(self, horizons: list[int]) -> str:
+        """Append stages to the schedule (resuming a run with a longer ``--horizons`` list).
+
+        Returns what the trainer must do next: ``"advance"`` when the old last stage had finished with
+        an improvement (restore the stage's best, then :meth:`set_baseline` at the new validation
+        horizon), ``"rebaseline"`` when training is still in the old last stage, whose validation
+        horizon has just grown (re-measure the stage's best there and pass it to :meth:`set_baseline`),
+        ``"stopped"`` when the run had stopped for lack of improvement (extending changes nothing), and
+        ``"none"`` otherwise.
+        """
+        horizons = [int(h) for h in horizons]
+        if len(horizons) <= len(self.horizons) or horizons[:len(self.horizons)] != self.horizons:
+            raise ValueError(f"can only append stages to the curriculum {self.horizons}, got {horizons}")
+        if any(h <= 0 for h in horizons):
+            raise ValueError(f"Invalid curriculum horizons: {horizons}")
+        was_last = self.last_stage
+        self.horizons = horizons
+        if self.done:
+            if not (was_last and self.improved):
+                return "stopped"
+            self.done = False
+            self.stage += 1
+            self.num_evals, self.improved, self.best = 0, False, float("inf")
+            self.awaiting_baseline = True
+            return "advance"
+        if was_last and not self.awaiting_baseline:
+            self.awaiting_baseline = True
+            return "rebaseline"
+        return "none"
+
     def set_baseline(self, val_loss: float) -> None:
+        """The stage's reference value after ADVANCE (or after :meth:`extend` re-measured it)."""
         if not self.awaiting_baseline:
-            raise RuntimeError("set_baseline() is only valid right after ADVANCE")
+            raise RuntimeError("set_baseline() is only valid right after ADVANCE or extend()")
         self.best, self.awaiting_baseline = val_loss, False
 
     def to_dict(self) -> dict:

@@ -259,6 +259,13 @@ class Trainer:
         saved = {k: v for k, v in ckpt["config"].items() if k not in ("epochs", "resume", "progress", "device",
                                                                        "data_root", "out")}
         now = {k: v for k, v in self.cfg.__dict__.items() if k in saved}
+        extend = None
+        if ckpt["curriculum"] is not None and self.curriculum is not None:
+            old_h, new_h = ckpt["curriculum"]["horizons"], self.r["horizons"]
+            if old_h != new_h and new_h[:len(old_h)] == old_h:  # appending stages is allowed
+                extend = new_h
+                saved.pop("horizons", None)
+                now.pop("horizons", None)
         if saved != now:
             diff = {k: (saved[k], now[k]) for k in saved if saved[k] != now.get(k)}
             raise RuntimeError(f"--resume with a different recipe than the checkpoint: {diff}")
@@ -278,6 +285,33 @@ class Trainer:
                 fh.truncate(ckpt["log_offset"])
         if self.log_path.exists():
             self.history = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+        if extend is not None:
+            self._extend_curriculum(extend)
+
+    def _extend_curriculum(self, horizons: list[int]) -> None:
+        """``--resume`` with a longer ``--horizons`` list: the curriculum continues into the new stages.
+
+        A run that had finished its last stage with an improvement advances exactly as Algorithm 1 does
+        (restore the stage's best, validate it at the new N_valid as the stage's baseline); a run still in
+        its old last stage re-measures the stage's best at the longer validation horizon, so later
+        validations compare like with like.
+        """
+        old = list(self.curriculum.horizons)
+        action = self.curriculum.extend(horizons)
+        self._log({"type": "extend", "epoch": self.epoch, "from": old, "horizons": list(horizons),
+                   "action": action})
+        if action == "advance":
+            self.stop_reason = ""
+            self.rule.load_state_dict(self.best_state)
+        if action in ("advance", "rebaseline"):
+            current = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
+            self.rule.load_state_dict(self.best_state)
+            baseline = self.validate(self.curriculum.valid_horizon)
+            self.rule.load_state_dict(current)
+            self.curriculum.set_baseline(baseline)
+            self.best_val = baseline
+            self._log({"type": "eval", "epoch": self.epoch, "stage": self.stage, "horizon": self.valid_horizon,
+                       "val_loss": baseline, "action": "baseline"})
 
     # ------------------------------------------------------------------ main loop
     def _on_signal(self, signum, frame):

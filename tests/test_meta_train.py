@@ -86,6 +86,44 @@ def test_curriculum_keeps_training_while_improving_and_stops_at_last_stage():
         Curriculum([])
 
 
+def test_curriculum_extend_after_the_last_stage_finished_advances():
+    cl = Curriculum([100, 200], min_evals=2)
+    for v in (3.0, 2.0, 2.5):
+        cl.observe(v)
+    cl.set_baseline(2.0)
+    assert [cl.observe(v) for v in (1.5, 1.6)] == [IMPROVED, STOP] and cl.done
+    assert cl.extend([100, 200, 500]) == "advance"
+    assert not cl.done and (cl.stage, cl.train_horizon, cl.valid_horizon) == (2, 500, 500)
+    with pytest.raises(RuntimeError, match="set_baseline"):
+        cl.observe(1.0)
+    cl.set_baseline(1.4)
+    assert cl.observe(1.45) == CONTINUE
+
+
+def test_curriculum_extend_mid_last_stage_rebaselines_and_keeps_the_count():
+    cl = Curriculum([100, 200], min_evals=3)
+    for v in (3.0, 2.0, 2.5):
+        cl.observe(v)
+    cl.set_baseline(2.0)
+    assert cl.observe(1.5) == IMPROVED and cl.valid_horizon == 200
+    assert cl.extend([100, 200, 500]) == "rebaseline"
+    assert (cl.stage, cl.valid_horizon, cl.num_evals, cl.improved) == (1, 500, 1, True)
+    cl.set_baseline(1.7)  # the stage's best re-measured at the new, longer validation horizon
+    assert cl.observe(1.8) == CONTINUE and cl.observe(1.9) == ADVANCE and cl.stage == 2
+
+
+def test_curriculum_extend_refuses_a_changed_prefix_and_keeps_a_failed_run_stopped():
+    cl = Curriculum([100, 200], min_evals=1)
+    with pytest.raises(ValueError, match="append"):
+        cl.extend([100, 300, 500])
+    with pytest.raises(ValueError, match="append"):
+        cl.extend([100, 200])
+    assert cl.extend([100, 200, 500]) == "none" and cl.valid_horizon == 200  # stage 0 is untouched
+    assert cl.observe(3.0) == IMPROVED and cl.observe(3.5) == ADVANCE
+    cl2 = Curriculum([100, 200], min_evals=1, stage=1, done=True, improved=False)
+    assert cl2.extend([100, 200, 500]) == "stopped" and cl2.done
+
+
 # ------------------------------------------------------------------------------ tasks
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_every_task_gives_finite_loss_and_gradient(name, data_root):
@@ -241,6 +279,29 @@ def test_resume_refuses_a_different_recipe(tmp_path, data_root):
                     "--eval-runs", "1", "--no-progress"], data_root).returncode == 0
     proc = run_cli(["--model", "dm", "--imitation", "--resume", "--epochs", "4", "--out", str(out), *TINY[:2],
                     "--eval-every", "1", "--eval-runs", "1", "--no-progress"], data_root)
+    assert proc.returncode != 0 and "different recipe" in proc.stderr
+
+
+def test_resume_with_appended_horizons_continues_the_curriculum(tmp_path, data_root):
+    out = tmp_path / "ext"
+    base = ["--model", "dm", "--curriculum", "--eval-every", "1", "--eval-runs", "1", "--no-progress",
+            "--threads", "1", "--min-evals", "1", "--out", str(out)]
+    assert run_cli([*base, "--horizons", "20", "--epochs", "30"], data_root).returncode == 0
+    before = learned_optim.read_metadata(out / "weights.safetensors")["recipe"]
+    assert before["stage_reached"] == 0
+    finished = "curriculum finished" in before["stop_reason"]  # else it hit the epoch cap mid-stage
+    proc = run_cli([*base, "--horizons", "20,40", "--epochs", "60", "--resume"], data_root)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    ext = [r for r in records if r["type"] == "extend"]
+    assert len(ext) == 1 and ext[0]["from"] == [20] and ext[0]["horizons"] == [20, 40]
+    assert ext[0]["action"] == ("advance" if finished else "rebaseline")
+    follow = records[records.index(ext[0]) + 1]  # the stage's best, validated at the new N_valid
+    assert follow["action"] == "baseline" and follow["horizon"] == 40
+    after = learned_optim.read_metadata(out / "weights.safetensors")["recipe"]
+    assert after["horizons"] == [20, 40] and after["stage_reached"] == 1
+    assert any(r["type"] == "epoch" and r["horizon"] == 40 for r in records)
+    proc = run_cli([*base, "--horizons", "40,80", "--epochs", "60", "--resume"], data_root)
     assert proc.returncode != 0 and "different recipe" in proc.stderr
 
 
