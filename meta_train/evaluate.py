@@ -524,12 +524,14 @@ def plot_task(out: str | os.PathLike, task: str) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for r in sorted(runs, key=lambda r: (r["rule"] is None, r["label"])):
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours; baselines dashed
+    for i, r in enumerate(sorted(runs, key=lambda r: (r["rule"] is None, r["label"]))):
         x, mean, std = ln_curve_stats(r["losses"], r["steps"], max(1, math.ceil(r["steps"] / PLOT_POINTS)))
         name = r["label"] + (f" (lr {r['lr']:g})" if r["rule"] is None or r["grid_point"] else "")
         if r["diverged"]:
             name += f" [{r['diverged']}/{len(r['seeds'])} diverged]"
-        (line,) = ax.plot(x, mean, lw=1.2, label=name)
+        (line,) = ax.plot(x, mean, lw=1.2, label=name, color=colors[(2 * i + i // 10) % len(colors)],
+                          ls="--" if r["rule"] is None else "-")
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
     ax.set_xlabel("optimizee step")
     ax.set_ylabel("training loss (ln)")
