@@ -258,3 +258,10 @@ def test_claims_are_computed_from_results():
            "dm-cl-il -3.00: **held**" in text
     assert "(c)" in text and "**not checked**" in text  # conv-mnist missing
     assert "dm-cl-il -3.00 vs released -5.6" in text
+    assert "(e)" in text and "not measured: **not checked**" in text
+    cells[("mlp-fashion", "dm-cl-il")] = cell(-2.0)
+    cells[("mlp-relu", "dm-cl-il")] = cell(1.0, diverged=1)
+    cells[("mlp-fashion", "adam")] = cell(-1.0)
+    text = claims_markdown(cells)
+    assert "dm-cl-il on mlp-relu 1.00 from ln 0.83, 1/1 diverged" in text
+    assert "**did not hold**: trains on 1 of 2 measured task/optimizer pairs, beats tuned Adam on 1" in text

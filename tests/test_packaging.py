@@ -26,10 +26,10 @@ def _can_build_wheels() -> bool:
         return False
     if importlib.util.find_spec("wheel") is not None:
         return True
-    import setuptools  # setuptools >= 70.1 has bdist_wheel built in
+    import setuptools  # setuptools >= 70.1 has bdist_wheel built in (pyproject needs >= 77 for the SPDX license)
 
     major, minor = (int(x) for x in setuptools.__version__.split(".")[:2])
-    return (major, minor) >= (70, 1)
+    return (major, minor) >= (77, 0)
 
 
 def _subprocess_env(**extra: str) -> dict[str, str]:
