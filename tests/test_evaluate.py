@@ -56,6 +56,17 @@ def check_result_file(path, optimizer):
 
 
 # ------------------------------------------------------------------------------------ protocol
+def test_weights_replaced_during_an_evaluation_are_refused(tmp_path, data):
+    path = learned_optim.save_weights(learned_optim.build_rule("dm"), tmp_path / "w.safetensors")
+    spec = ev.make_spec(str(path), "mlp-orig", steps=2, seeds=1)
+    model = torch.nn.Linear(3, 2)
+    ev.build_optimizer(spec, model.parameters())  # unchanged file: fine
+    torch.manual_seed(1)
+    learned_optim.save_weights(learned_optim.build_rule("dm"), path)  # e.g. re-exported under the same name
+    with pytest.raises(ev.EvaluationError, match="changed after this evaluation resolved it"):
+        ev.build_optimizer(spec, model.parameters())
+
+
 def test_adam_and_learned_optimizer_follow_the_protocol(tmp_path, data, dm_weights):
     adam = run("adam", tmp_path, data, lr=1e-2)
     check_result_file(tmp_path / "adam__mlp-orig.json", "adam")
