@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -291,13 +292,17 @@ def _read_json(path: Path) -> dict | None:
 
 
 def load_finished(out: Path, spec: RunSpec) -> dict[int, dict[str, Any]]:
-    """Seeds of ``spec`` already computed with the same settings: from its result JSON, then partial files."""
+    """Seeds of ``spec`` already computed with the same settings: from its result JSON (or the result of the
+    same point stored the other way, as a grid point or as a single run at that lr), then partial files."""
     done: dict[int, dict[str, Any]] = {}
     fp = spec.fingerprint()
-    result = _read_json(result_path(out, spec))
-    if result and result.get("fingerprint") == fp:
+    sibling = dataclasses.replace(spec, grid_point=not spec.grid_point)
+    for path in (result_path(out, spec), result_path(out, sibling)):
+        result = _read_json(path)
+        if not result or result.get("fingerprint") != fp:
+            continue
         for seed, losses, seconds in zip(result["seeds"], result["losses"], result["seconds_per_seed"]):
-            if seed in spec.seeds:
+            if seed in spec.seeds and seed not in done:
                 done[seed] = {"seed": seed, "losses": losses, "seconds": seconds}
     for seed in spec.seeds:
         record = _read_json(partial_path(out, spec, seed))

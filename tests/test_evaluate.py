@@ -168,6 +168,18 @@ def test_resume_recomputes_only_missing_seeds(tmp_path, data, monkeypatch):
     assert calls == [1, 2, 0]
 
 
+def test_grid_point_reuses_the_single_run_at_its_lr(tmp_path, data, monkeypatch):
+    single = run("adam", tmp_path, data, lr=1e-2, plot=False)  # e.g. the coarse grid's best at the full budget
+    real_run_seed, calls = ev.run_seed, []
+    monkeypatch.setattr(ev, "run_seed", lambda spec, seed, data=None: calls.append(spec.lr) or
+                        real_run_seed(spec, seed, data))
+    ev.evaluate_grid("adam", "mlp-orig", [1e-3, 1e-2], out=tmp_path, data=data, steps=STEPS, seeds=SEEDS,
+                     workers=1, progress=False)  # the fine grid around it
+    assert calls == [1e-3] * SEEDS
+    point = json.loads((tmp_path / "adam__mlp-orig__lr0.01.json").read_text())
+    assert point["losses"] == single["losses"] and point["grid_point"]
+
+
 def test_worker_processes_match_in_process_runs(tmp_path, data):
     one = run("adam", tmp_path / "one", data, lr=1e-2, plot=False)
     two = run("adam", tmp_path / "two", data, lr=1e-2, workers=2, plot=False)
