@@ -155,23 +155,49 @@ def _verdict(ok: bool | None) -> str:
     return "**not checked** (missing results)" if ok is None else ("**held**" if ok else "**did not hold**")
 
 
+DEGRADE_NATS = 0.5  # claim (a): how far above its lowest point a smoothed curve must end to count as degrading
+
+
+def smoothed_ln_curve(curves: list[list[float | None]], window: int = 100) -> list[tuple[int, float]]:
+    """(step, mean over seeds of ln(mean loss of the window ending at step)) at every full window that all
+    seeds reached with finite losses (the window shrinks to the curve length for short curves)."""
+    length = min(len(c) for c in curves)
+    window = max(1, min(window, length))
+    out = []
+    for end in range(window, length + 1, window):
+        values = []
+        for c in curves:
+            chunk = c[end - window:end]
+            if any(x is None or not math.isfinite(x) for x in chunk):
+                return out
+            values.append(math.log(sum(chunk) / window))
+        out.append((end, sum(values) / len(values)))
+    return out
+
+
 def claims_markdown(cells: dict[tuple[str, str], dict[str, Any]]) -> str:
     """The paper's claims (issue 5), each with the measured numbers and whether it held."""
     def v(label: str, task: str = "mlp-orig") -> float | None:
         return _value(cells, task, label)
 
     lines = ["", "### The paper's claims, checked on our weights", ""]
-    # (a) vanilla L2O-DM degrades or diverges at long horizons
+    # (a) vanilla L2O-DM degrades or diverges at long horizons: its smoothed curve (mean over seeds of the ln of
+    # 100-step window means) ends more than DEGRADE_NATS above its own minimum, or a seed diverges
     dm = cells.get(("mlp-orig", "dm"))
     if dm is None:
         lines.append(f"- (a) vanilla L2O-DM degrades or diverges at long horizons: {_verdict(None)}")
     else:
-        best = min(min(x for x in c if x is not None) for c in dm["losses"])
-        final = dm["final_ln_loss_mean"]
-        held = dm["diverged"] > 0 or final is None or final > math.log(best) + 1.0
-        lines.append(f"- (a) vanilla L2O-DM degrades or diverges at long horizons on MLP-orig: final ln loss "
-                     f"{_fmt(final)}, {dm['diverged']}/{len(dm['seeds'])} seeds diverged, lowest single loss "
-                     f"ln {math.log(best):.2f}: {_verdict(held)}")
+        curve = smoothed_ln_curve(dm["losses"])
+        if curve:
+            low = min(range(len(curve)), key=lambda i: curve[i][1])
+            held = dm["diverged"] > 0 or curve[-1][1] - curve[low][1] > DEGRADE_NATS
+            lines.append(f"- (a) vanilla L2O-DM degrades or diverges at long horizons on MLP-orig: smoothed ln loss "
+                         f"lowest {curve[low][1]:.2f} at step {curve[low][0]}, {curve[-1][1]:.2f} at step "
+                         f"{curve[-1][0]} (degrading = more than {DEGRADE_NATS} above its lowest), "
+                         f"{dm['diverged']}/{len(dm['seeds'])} seeds diverged: {_verdict(held)}")
+        else:
+            lines.append(f"- (a) vanilla L2O-DM degrades or diverges at long horizons on MLP-orig: the curves hit "
+                         f"NaN/Inf in their first window: {_verdict(True)}")
     # (b) CL and IL each improve L2O-DM, CL+IL most
     vals = {k: v(k) for k in ("dm", "dm-cl", "dm-il", "dm-cl-il")}
     ok = None if None in vals.values() else (

@@ -276,7 +276,14 @@ def test_claims_are_computed_from_results():
     cells = {("mlp-orig", "dm"): cell(0.5, diverged=1), ("mlp-orig", "dm-cl"): cell(-2.0),
              ("mlp-orig", "dm-il"): cell(-1.0), ("mlp-orig", "dm-cl-il"): cell(-3.0), ("mlp-orig", "adam"): cell(-6.0)}
     text = claims_markdown(cells)
-    assert "(a) vanilla L2O-DM" in text and "1/1 seeds diverged" in text
+    assert "(a) vanilla L2O-DM" in text and "1/1 seeds diverged" in text and "**held**" in text.split("(b)")[0]
+    improving = [2.3 - 0.0002 * t for t in range(1000)]  # keeps going down: does not degrade
+    degrading = [2.3 * 0.5 ** (t / 50) if t < 500 else 2.3 * 0.5 ** 10 * 2 ** ((t - 500) / 100) for t in range(1000)]
+    for curve, verdict in ((improving, "**did not hold**"), (degrading, "**held**")):
+        cells[("mlp-orig", "dm")] = {**cell(0.0), "losses": [curve]}
+        line = claims_markdown(cells).split("(b)")[0]
+        assert verdict in line, line
+    cells[("mlp-orig", "dm")] = cell(0.5, diverged=1)
     assert "dm 0.50, dm-cl -2.00, dm-il -1.00, " \
            "dm-cl-il -3.00: **held**" in text
     assert "(c)" in text and "**not checked**" in text  # conv-mnist missing
