@@ -234,14 +234,15 @@ def claims_markdown(cells: dict[tuple[str, str], dict[str, Any]]) -> str:
     for label in ("dm-cl-il", "rnnprop-cl-il"):
         for task in _order_tasks({t for t, _ in cells} - {"mlp-orig"}):
             ours = cells.get((task, label))
-            if ours is None or ours.get("final_ln_loss_mean") is None:
+            if ours is None:
                 continue
+            final = ours.get("final_ln_loss_mean")  # None: a seed hit NaN/Inf
             start = sum(math.log(c[0]) for c in ours["losses"]) / len(ours["losses"])
-            trains = ours["final_ln_loss_mean"] < start and ours["diverged"] == 0
+            trains = final is not None and final < start and ours["diverged"] == 0
             adam = v("adam", task)
-            beats += adam is not None and ours["final_ln_loss_mean"] < adam
+            beats += trains and adam is not None and final < adam
             oks.append(trains)
-            rows.append(f"{label} on {task} {_fmt(ours['final_ln_loss_mean'])} from ln {start:.2f}, "
+            rows.append(f"{label} on {task} {'NaN/Inf' if final is None else _fmt(final)} from ln {start:.2f}, "
                         f"{ours['diverged']}/{len(ours['seeds'])} diverged (tuned Adam {_fmt(adam)})")
     verdict = _verdict(None) if not oks else (
         f"{_verdict(all(oks))}: trains on {sum(oks)} of {len(oks)} measured task/optimizer pairs, "

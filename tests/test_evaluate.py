@@ -295,3 +295,5 @@ def test_claims_are_computed_from_results():
     text = claims_markdown(cells)
     assert "dm-cl-il on mlp-relu 1.00 from ln 0.83, 1/1 diverged" in text
     assert "**did not hold**: trains on 1 of 2 measured task/optimizer pairs, beats tuned Adam on 1" in text
+    cells[("mlp-relu", "dm-cl-il")] = {**cell(None, diverged=1), "final_ln_loss_std": None}  # a seed hit NaN
+    assert "dm-cl-il on mlp-relu NaN/Inf from ln 0.83, 1/1 diverged" in claims_markdown(cells)
