@@ -315,6 +315,17 @@ def save_partial(out: Path, spec: RunSpec, record: dict[str, Any]) -> None:
     write_json_atomic(partial_path(out, spec, record["seed"]), {**record, "fingerprint": spec.fingerprint()})
 
 
+def portable_path(path: str | None) -> str | None:
+    """``path`` relative to the working directory when it lies under it (result files are committed and must not
+    name the machine they were made on), else unchanged."""
+    if path is None:
+        return None
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path
+
+
 def build_result(spec: RunSpec, records: dict[int, dict[str, Any]], *, wall_seconds: float,
                  command: str | None) -> dict[str, Any]:
     """The result JSON of a finished run (every seed in ``records``)."""
@@ -324,7 +335,7 @@ def build_result(spec: RunSpec, records: dict[int, dict[str, Any]], *, wall_seco
     seconds = [records[s]["seconds"] for s in spec.seeds]
     summary = summarize(curves, spec.steps)
     return {"type": "evaluation", "optimizer": spec.optimizer, "label": spec.label, "rule": spec.rule,
-            "weights_path": spec.weights_path, "weights_sha256": spec.weights_sha256, "task": spec.task,
+            "weights_path": portable_path(spec.weights_path), "weights_sha256": spec.weights_sha256, "task": spec.task,
             "dataset": spec.data_tag, "split": "test", "lr": spec.lr, "grid_point": spec.grid_point,
             "steps": spec.steps, "tail": min(TAIL, spec.steps), "seeds": list(spec.seeds), **summary,
             "diverged_seeds": [s for s, c in zip(spec.seeds, curves) if seed_final(c, spec.steps)[1]],

@@ -81,6 +81,15 @@ def test_adam_and_learned_optimizer_follow_the_protocol(tmp_path, data, dm_weigh
     assert not (tmp_path / ".partial").exists()  # complete runs keep everything in their JSON
 
 
+def test_result_names_weights_relative_to_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    inside = tmp_path / "runs" / "w.safetensors"
+    monkeypatch.chdir(tmp_path)
+    assert ev.portable_path(str(inside)) == "runs/w.safetensors"
+    assert ev.portable_path("/elsewhere/w.safetensors") == "/elsewhere/w.safetensors"
+    assert ev.portable_path(None) is None
+
+
 def test_learned_optimizer_runs_as_a_user_runs_it(tmp_path, data, dm_weights):
     """The recorded curve equals a hand-written user loop with learned_optim.L2ODM(weights=path)."""
     result = run(str(dm_weights), tmp_path, data, steps=10, seeds=[7], plot=False)
