@@ -90,6 +90,7 @@ class RunSpec:
     device: str = "cpu"
     data_tag: str = ""  # the dataset name, or "injected" when tensors were passed in
     state_dtype: str = "float32"  # learned optimizers: dtype of the recurrent state
+    init: str = "normal(0.01)"  # Task.init_scheme: how the optimizee's parameters are drawn
 
     @property
     def run_id(self) -> str:
@@ -97,10 +98,14 @@ class RunSpec:
         return f"{base}__lr{self.lr:g}" if self.grid_point else base
 
     def fingerprint(self) -> dict[str, Any]:
-        """What must match for a stored seed to be reused (not the label, seeds or paths)."""
+        """What must match for a stored seed to be reused (not the label, seeds or paths). ``init`` is recorded
+        only for tasks whose init is not plain N(0, 0.01) (normalisation layers start as the identity): results
+        made before that fix, when every parameter was N(0, 0.01), then never match."""
+        from .tasks import PLAIN_INIT
+
         return {"optimizer": self.rule or self.optimizer, "weights_sha256": self.weights_sha256, "task": self.task,
                 "lr": self.lr, "steps": self.steps, "device": self.device, "data": self.data_tag, "split": "test",
-                "state_dtype": self.state_dtype}
+                "state_dtype": self.state_dtype, **({} if self.init == PLAIN_INIT else {"init": self.init})}
 
 
 def parse_lr_grid(text: str) -> tuple[float, ...]:
@@ -144,7 +149,7 @@ def make_spec(optimizer: str, task: str, *, lr: float | None = None, steps: int 
     from learned_optim import read_metadata, resolve_weights
     from learned_optim.weights import sha256_file
 
-    from .tasks import TASKS
+    from .tasks import TASKS, init_scheme
 
     if task not in TASKS:
         raise EvaluationError(f"Unknown task {task!r}; known tasks: {sorted(TASKS)}")
@@ -164,7 +169,8 @@ def make_spec(optimizer: str, task: str, *, lr: float | None = None, steps: int 
                    label=sanitize_label(label) if label else default_label(str(optimizer)), grid_point=grid_point,
                    rule=rule, weights_path=weights_path, weights_sha256=sha,
                    data_root=None if data_root is None else str(data_root), device=str(device),
-                   data_tag="injected" if injected_data else TASKS[task][1], state_dtype=state_dtype)
+                   data_tag="injected" if injected_data else TASKS[task][1], state_dtype=state_dtype,
+                   init=init_scheme(task))
 
 
 # ----------------------------------------------------------------------------------- one seed

@@ -7,7 +7,8 @@
 #   2. the best lr of each optimizer at SEEDS x STEPS                                    -> results/
 #   (3. scripts/baselines_fine.sh: the best lr and its neighbours at SEEDS x STEPS, for the cheap tasks)
 # usage: scripts/baselines.sh TASK [TASK ...]
-#        (env: SEEDS_GRID=2 STEPS_GRID=2000 SEEDS=10 STEPS=10000 WORKERS=1 OPTS="adam rmsprop sgd" MAX_EXTEND=3)
+#        (env: SEEDS_GRID=2 STEPS_GRID=2000 SEEDS=10 STEPS=10000 WORKERS=1 OPTS="adam rmsprop sgd" MAX_EXTEND=3
+#         GRID_ONLY=1: step 1 only, e.g. every optimizer's grid before any final on a slow task)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -38,6 +39,7 @@ PYEOF
       [ "$next" = "$current" ] && break
       lrs=$next
     done
+    [ -n "${GRID_ONLY:-}" ] && continue
     best=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['best']['lr'])" "results/grid/${opt}__${task}__grid.json")
     $PY -m meta_train.evaluate --optimizer $opt --lr "$best" --task "$task" --steps "${STEPS:-10000}" \
         --seeds "${SEEDS:-10}" --out results --workers "${WORKERS:-1}" --no-progress

@@ -177,6 +177,22 @@ def test_resume_recomputes_only_missing_seeds(tmp_path, data, monkeypatch):
     assert calls == [1, 2, 0]
 
 
+def test_seeds_of_another_init_scheme_are_not_reused(tmp_path, data, monkeypatch):
+    # Conv-MNIST once drew batch norm's scale N(0, 0.01) like every other parameter; results of that scheme lack
+    # the "init" key and must be recomputed, while the MLPs' fingerprints (plain N(0, 0.01)) stay as they were.
+    assert "init" not in ev.make_spec("adam", "mlp-orig", lr=1e-2).fingerprint()
+    spec = ev.make_spec("adam", "conv-mnist", lr=1e-2, steps=3, seeds=1, injected_data=True)
+    assert spec.fingerprint()["init"] == "normal(0.01)+norm-identity"
+    old = {k: v for k, v in spec.fingerprint().items() if k != "init"}
+    ev.write_json_atomic(ev.partial_path(tmp_path, spec, 0), {"seed": 0, "losses": [1.0] * 3, "seconds": 0.0,
+                                                              "fingerprint": old})
+    calls = []
+    monkeypatch.setattr(ev, "run_seed", lambda spec, seed, data=None: calls.append(seed) or
+                        {"seed": seed, "losses": [2.0] * 3, "seconds": 0.0})
+    (result,) = ev.run_specs([spec], tmp_path, workers=1, data=data, progress=False)
+    assert calls == [0] and result["losses"] == [[2.0] * 3] and result["fingerprint"]["init"] == spec.init
+
+
 def test_grid_point_reuses_the_single_run_at_its_lr(tmp_path, data, monkeypatch):
     single = run("adam", tmp_path, data, lr=1e-2, plot=False)  # e.g. the coarse grid's best at the full budget
     real_run_seed, calls = ev.run_seed, []

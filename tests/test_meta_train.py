@@ -18,7 +18,7 @@ import learned_optim
 from helpers import write_synthetic_cifar10, write_synthetic_mnist
 from meta_train.curriculum import ADVANCE, CONTINUE, IMPROVED, STOP, Curriculum
 from meta_train.imitation import SelfImproving, Teacher, imitation_unroll
-from meta_train.tasks import TASKS, Task
+from meta_train.tasks import TASKS, Task, init_scheme
 from meta_train.unroll import meta_unroll, rollout, start
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,7 +130,16 @@ def test_every_task_gives_finite_loss_and_gradient(name, data_root):
     task = Task(name, train=True, data_root=data_root)
     gen = torch.Generator().manual_seed(0)
     theta = task.init_params(gen)
-    assert theta.numel() == task.num_params and abs(float(theta.std()) - 0.01) < 0.003
+    plain = torch.randn(task.num_params, generator=torch.Generator().manual_seed(0)) * 0.01
+    norm = torch.zeros(task.num_params, dtype=torch.bool)
+    for start, stop, value in task.identity_init:  # batch norm starts as the identity, as tf.layers' does
+        assert (theta[start:stop] == value).all()
+        norm[start:stop] = True
+    assert torch.equal(theta[~norm], plain[~norm])  # everything else is the N(0, 0.01) draw, unchanged
+    modules = dict(task.module.named_modules())
+    bn = [n for n in task.names if isinstance(modules[n.rsplit(".", 1)[0]], torch.nn.BatchNorm2d)]
+    assert int(norm.sum()) == sum(task.numels[task.names.index(n)] for n in bn)
+    assert (task.init_scheme == "normal(0.01)") == (not bn) and task.init_scheme == init_scheme(name)
     batch = task.sample_batch(gen)
     assert batch.x.shape[0] == 128
     loss, grad = task.loss_and_grad(theta, batch)

@@ -3,7 +3,9 @@
 A :class:`Task` owns the architecture and the dataset (one tensor on the device); parameters
 live outside it as one flat vector, so the unroll and the evaluation can treat them exactly as a
 learned optimizer does: ``task.loss(flat_params, batch)``. Parameters are initialised N(0, 0.01)
-(weights and biases alike, as in the paper's code); batches of 128 are drawn with replacement.
+(weights and biases alike, as in the paper's code), except normalisation layers, which start as the
+identity (scale 1, shift 0), as ``tf.layers.batch_normalization`` does in the paper's Conv-MNIST;
+batches of 128 are drawn with replacement.
 """
 from __future__ import annotations
 
@@ -33,6 +35,20 @@ TASKS = {
 }
 
 
+IMAGE_SHAPES = {"mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32)}  # (channels, size)
+PLAIN_INIT = "normal(0.01)"
+
+
+def init_scheme(name: str, init_std: float = 0.01) -> str:
+    """:attr:`Task.init_scheme` of task ``name``, without loading its data."""
+    factory, dataset = TASKS[name]
+    return _scheme_name(init_std, bool(identity_init_slices(factory(*IMAGE_SHAPES[dataset]))))
+
+
+def _scheme_name(init_std: float, identity: bool) -> str:
+    return f"normal({init_std:g})" + ("+norm-identity" if identity else "")
+
+
 @dataclass
 class Batch:
     x: Tensor
@@ -58,6 +74,13 @@ class Task:
         self.shapes = [tuple(p.shape) for _, p in self.module.named_parameters()]
         self.numels = [math.prod(s) for s in self.shapes]
         self.num_params = sum(self.numels)
+        self.identity_init = identity_init_slices(self.module)
+
+    @property
+    def init_scheme(self) -> str:
+        """How :meth:`init_params` draws a vector (recorded with evaluations so results of another scheme are
+        never mixed in)."""
+        return _scheme_name(self.init_std, bool(self.identity_init))
 
     @property
     def layout(self) -> list[tuple[int, ...]]:
@@ -65,8 +88,12 @@ class Task:
 
     def init_params(self, generator: torch.Generator) -> Tensor:
         """A fresh flat parameter vector, N(0, init_std), drawn from ``generator`` (on the CPU for
-        reproducibility across devices)."""
-        return (torch.randn(self.num_params, generator=generator) * self.init_std).to(self.device)
+        reproducibility across devices); normalisation layers' scales are then set to 1 and shifts to 0
+        (the draw is the same, so tasks without such layers get exactly the N(0, init_std) vector)."""
+        flat = torch.randn(self.num_params, generator=generator) * self.init_std
+        for start, stop, value in self.identity_init:
+            flat[start:stop] = value
+        return flat.to(self.device)
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.numels), self.shapes)}
@@ -95,4 +122,20 @@ class Task:
         return loss.detach(), grad
 
 
-__all__ = ["TASKS", "Task", "Batch"]
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def identity_init_slices(module: nn.Module) -> list[tuple[int, int, float]]:
+    """(start, stop, value) of the flat parameter vector for every normalisation layer's scale (1) and
+    shift (0), in ``module.parameters()`` order."""
+    owner = {id(p): (m, n) for m in module.modules() if isinstance(m, NORM_LAYERS)
+             for n, p in m.named_parameters(recurse=False)}
+    slices, offset = [], 0
+    for p in module.parameters():
+        if id(p) in owner:
+            slices.append((offset, offset + p.numel(), 1.0 if owner[id(p)][1] == "weight" else 0.0))
+        offset += p.numel()
+    return slices
+
+
+__all__ = ["TASKS", "Task", "Batch", "identity_init_slices", "init_scheme", "PLAIN_INIT"]
