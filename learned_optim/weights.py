@@ -76,6 +76,24 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def weights_digest(path: str | os.PathLike) -> str:
+    """sha256 of what a weight file *computes*: its rule, config and tensors (names, dtypes, shapes, bytes).
+
+    Unlike :func:`sha256_file` it ignores the provenance metadata (recipe, evaluation, version), so re-exporting
+    the same weights with an updated model card keeps the digest; evaluations are keyed on it.
+    """
+    from safetensors import safe_open
+
+    meta = read_metadata(path)
+    digest = hashlib.sha256(json.dumps({"rule": meta["rule"], "config": meta["config"]}, sort_keys=True).encode())
+    with safe_open(str(path), framework="pt") as fh:
+        for key in sorted(fh.keys()):
+            tensor = fh.get_tensor(key).contiguous()
+            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 # ----------------------------------------------------------------------------------- resolution
 def parse_hf_spec(spec: str) -> tuple[str, str, str | None]:
     """``hf://org/repo[/path/file][@revision]`` -> (repo_id, filename, revision)."""
@@ -286,7 +304,8 @@ def model_card(path: str | os.PathLike, *, name: str | None = None, license: str
         lines += ["```json", json.dumps(evaluation, indent=2, sort_keys=True), "```"]
     else:
         lines += ["Not evaluated yet."]
-    lines += ["", f"sha256 of the weight file: `{sha256_file(path)}`", ""]
+    lines += ["", f"sha256 of the weight file: `{sha256_file(path)}`",
+              f"digest of its rule, config and tensors (what evaluations are keyed on): `{weights_digest(path)}`", ""]
     return "\n".join(lines)
 
 

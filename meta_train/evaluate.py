@@ -85,7 +85,8 @@ class RunSpec:
     grid_point: bool = False
     rule: str | None = None  # learned optimizers: dm / rnnprop / scale
     weights_path: str | None = None  # learned optimizers: the resolved local file
-    weights_sha256: str | None = None
+    weights_sha256: str | None = None  # of the file: refuses a file replaced during the run
+    weights_digest: str | None = None  # of its rule, config and tensors (learned_optim.weights_digest): the key
     data_root: str | None = None
     device: str = "cpu"
     data_tag: str = ""  # the dataset name, or "injected" when tensors were passed in
@@ -100,10 +101,13 @@ class RunSpec:
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a stored seed to be reused (not the label, seeds or paths). ``init`` is recorded
         only for tasks whose init is not plain N(0, 0.01) (normalisation layers start as the identity): results
-        made before that fix, when every parameter was N(0, 0.01), then never match."""
+        made before that fix, when every parameter was N(0, 0.01), then never match. Learned weights are keyed on
+        their digest (a model card rewritten later changes the file's sha256, not the digest); baselines keep the
+        ``weights_sha256: null`` their stored results were made with."""
         from .tasks import PLAIN_INIT
 
-        return {"optimizer": self.rule or self.optimizer, "weights_sha256": self.weights_sha256, "task": self.task,
+        weights = {"weights_digest": self.weights_digest} if self.weights_digest else {"weights_sha256": None}
+        return {"optimizer": self.rule or self.optimizer, **weights, "task": self.task,
                 "lr": self.lr, "steps": self.steps, "device": self.device, "data": self.data_tag, "split": "test",
                 "state_dtype": self.state_dtype, **({} if self.init == PLAIN_INIT else {"init": self.init})}
 
@@ -146,7 +150,7 @@ def make_spec(optimizer: str, task: str, *, lr: float | None = None, steps: int 
               data_root: str | None = None, device: str = "cpu", injected_data: bool = False,
               state_dtype: str = "float32") -> RunSpec:
     """Validate and resolve one evaluation point (learned weights are resolved and hashed here, once)."""
-    from learned_optim import read_metadata, resolve_weights
+    from learned_optim import read_metadata, resolve_weights, weights_digest
     from learned_optim.weights import sha256_file
 
     from .tasks import TASKS, init_scheme
@@ -155,7 +159,7 @@ def make_spec(optimizer: str, task: str, *, lr: float | None = None, steps: int 
         raise EvaluationError(f"Unknown task {task!r}; known tasks: {sorted(TASKS)}")
     if steps < 1:
         raise EvaluationError(f"steps must be >= 1, got {steps}")
-    rule = weights_path = sha = None
+    rule = weights_path = sha = digest = None
     if state_dtype not in ("float32", "bfloat16", "float16"):
         raise EvaluationError(f"Invalid state dtype {state_dtype!r} (float32, bfloat16 or float16)")
     if optimizer in BASELINES:
@@ -164,10 +168,11 @@ def make_spec(optimizer: str, task: str, *, lr: float | None = None, steps: int 
     else:
         path = resolve_weights(optimizer)
         rule, weights_path, sha = read_metadata(path)["rule"], str(Path(path).resolve()), sha256_file(path)
+        digest = weights_digest(path)
         lr = 1.0 if lr is None else lr
     return RunSpec(optimizer=str(optimizer), task=task, lr=float(lr), steps=int(steps), seeds=_as_seeds(seeds),
                    label=sanitize_label(label) if label else default_label(str(optimizer)), grid_point=grid_point,
-                   rule=rule, weights_path=weights_path, weights_sha256=sha,
+                   rule=rule, weights_path=weights_path, weights_sha256=sha, weights_digest=digest,
                    data_root=None if data_root is None else str(data_root), device=str(device),
                    data_tag="injected" if injected_data else TASKS[task][1], state_dtype=state_dtype,
                    init=init_scheme(task))
@@ -341,7 +346,8 @@ def build_result(spec: RunSpec, records: dict[int, dict[str, Any]], *, wall_seco
     seconds = [records[s]["seconds"] for s in spec.seeds]
     summary = summarize(curves, spec.steps)
     return {"type": "evaluation", "optimizer": spec.optimizer, "label": spec.label, "rule": spec.rule,
-            "weights_path": portable_path(spec.weights_path), "weights_sha256": spec.weights_sha256, "task": spec.task,
+            "weights_path": portable_path(spec.weights_path), "weights_sha256": spec.weights_sha256,
+            "weights_digest": spec.weights_digest, "task": spec.task,
             "dataset": spec.data_tag, "split": "test", "lr": spec.lr, "grid_point": spec.grid_point,
             "steps": spec.steps, "tail": min(TAIL, spec.steps), "seeds": list(spec.seeds), **summary,
             "diverged_seeds": [s for s, c in zip(spec.seeds, curves) if seed_final(c, spec.steps)[1]],

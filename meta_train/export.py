@@ -21,7 +21,7 @@ def export_weights(rule: Rule, path: Path, *, recipe: dict, evaluation: dict | N
 
 
 SUMMARY_KEYS = ("task", "steps", "lr", "final_ln_loss_mean", "final_ln_loss_std", "diverged", "nonfinite", "command",
-                "weights_sha256")
+                "weights_sha256", "weights_digest")
 
 
 def summarize_evaluations(paths: list[Path]) -> dict:

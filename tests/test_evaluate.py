@@ -67,6 +67,17 @@ def test_weights_replaced_during_an_evaluation_are_refused(tmp_path, data):
         ev.build_optimizer(spec, model.parameters())
 
 
+def test_re_exported_weights_keep_their_evaluation(tmp_path, data, monkeypatch):
+    # Bundling embeds the evaluation in the file's metadata, which changes its sha256: the seeds stay reusable.
+    torch.manual_seed(0)
+    rule, path = learned_optim.build_rule("dm"), tmp_path / "dm.safetensors"
+    first = run(str(learned_optim.save_weights(rule, path)), tmp_path, data, plot=False)
+    learned_optim.save_weights(rule, path, evaluation={"mlp-orig": {"seeds": 2}})
+    monkeypatch.setattr(ev, "run_seed", lambda *a, **k: pytest.fail("re-exported weights were evaluated again"))
+    again = run(str(path), tmp_path, data, plot=False)
+    assert again["losses"] == first["losses"] and again["weights_digest"] == first["weights_digest"]
+
+
 def test_adam_and_learned_optimizer_follow_the_protocol(tmp_path, data, dm_weights):
     adam = run("adam", tmp_path, data, lr=1e-2)
     check_result_file(tmp_path / "adam__mlp-orig.json", "adam")

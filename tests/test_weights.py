@@ -82,6 +82,24 @@ def test_round_trip_tensors_and_metadata(tmp_path, name):
     assert meta["recipe"] == RECIPE and meta["evaluation"] == EVALUATION
 
 
+def test_weights_digest_names_the_tensors_not_the_provenance(tmp_path):
+    torch.manual_seed(0)
+    rule = learned_optim.build_rule("dm")
+    a = learned_optim.save_weights(rule, tmp_path / "a.safetensors", recipe={"epochs": 1})
+    b = learned_optim.save_weights(rule, tmp_path / "b.safetensors", recipe={"epochs": 1, "notes": "re-exported"},
+                                   evaluation={"mlp-orig": {"final_ln_loss_mean": -5.0}})
+    assert W.sha256_file(a) != W.sha256_file(b)  # the card changed the file ...
+    assert learned_optim.weights_digest(a) == learned_optim.weights_digest(b)  # ... not what it computes
+    with torch.no_grad():
+        next(rule.parameters()).view(-1)[0] += 1e-6
+    c = learned_optim.save_weights(rule, tmp_path / "c.safetensors", recipe={"epochs": 1})
+    assert learned_optim.weights_digest(c) != learned_optim.weights_digest(a)
+    d = learned_optim.save_weights(learned_optim.build_rule("dm", {**rule.config(), "hidden_size": 8}),
+                                   tmp_path / "d.safetensors")
+    assert learned_optim.weights_digest(d) != learned_optim.weights_digest(a)
+    assert f"`{learned_optim.weights_digest(a)}`" in learned_optim.model_card(a)
+
+
 @pytest.mark.parametrize("name", RULE_NAMES)
 def test_round_trip_defaults_and_load_with_expected_rule_and_config(tmp_path, name):
     path = write(tmp_path, name)
