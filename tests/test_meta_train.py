@@ -396,3 +396,36 @@ def test_bundle_pins_sha_writes_card_and_resolves(tmp_path, monkeypatch):
     monkeypatch.setattr(W, "pretrained_dir", lambda: pretrained)
     assert learned_optim.available_weights() == ["my-dm"]
     learned_optim.L2ODM([torch.zeros(2, requires_grad=True)], weights="my-dm")
+
+
+def test_refresh_embeds_only_the_evaluations_of_these_weights(tmp_path):
+    from learned_optim import weights as W
+    from meta_train.export import bundle, main as export_main
+
+    run, pretrained, results = tmp_path / "run", tmp_path / "pretrained", tmp_path / "results"
+    run.mkdir()
+    results.mkdir()
+    torch.manual_seed(0)
+    learned_optim.save_weights(learned_optim.build_rule("dm"), run / "weights.safetensors", recipe={"epochs_run": 3})
+    dst = bundle(run, "my-dm", pretrained)
+    digest = learned_optim.weights_digest(dst)
+
+    def result(name, task, seeds, value, weights):
+        (results / name).write_text(json.dumps({"type": "evaluation", "task": task, "steps": 10, "lr": 1.0,
+                                                "final_ln_loss_mean": value, "final_ln_loss_std": 0.1, "diverged": 0,
+                                                "seeds": list(range(seeds)), "weights_digest": weights}))
+
+    result("my-dm__mlp-orig.json", "mlp-orig", 10, -5.0, digest)
+    result("my-dm-2seeds__mlp-orig.json", "mlp-orig", 2, -9.0, digest)  # fewer seeds: not the one embedded
+    result("my-dm__lenet.json", "lenet", 2, -1.0, digest)
+    result("old__mlp-relu.json", "mlp-relu", 10, -7.0, "0" * 64)  # other weights under the same name
+    export_main(["--refresh", "my-dm", "--pretrained-dir", str(pretrained), "--results", str(results)])
+    meta = learned_optim.read_metadata(dst)
+    assert sorted(meta["evaluation"]) == ["lenet", "mlp-orig"]
+    assert meta["evaluation"]["mlp-orig"]["final_ln_loss_mean"] == -5.0 and meta["recipe"]["epochs_run"] == 3
+    assert learned_optim.weights_digest(dst) == digest  # the same weights: their evaluations stay valid
+    registry = json.loads((pretrained / "registry.json").read_text())
+    assert registry["my-dm"]["sha256"] == W.sha256_file(dst)
+    assert "-5.0" in (pretrained / "my-dm.md").read_text()
+    with pytest.raises(SystemExit):
+        export_main(["--refresh", "nope", "--pretrained-dir", str(pretrained), "--results", str(results)])
