@@ -105,7 +105,8 @@ def results_markdown(results_dir: str | os.PathLike) -> str:
     labels = _order_labels(cells)
     lines = [f"Final training loss, ln of the mean over the last {min(100, protocol[0])} steps, after {protocol[0]} "
              f"steps; mean ± std "
-             f"over {protocol[1]} seeds (test split, batch 128, init N(0, 0.01)). Baselines: the best lr of a "
+             f"over {protocol[1]} seeds (test split, batch 128, init N(0, 0.01), batch norm at scale 1, shift 0). "
+             "Baselines: the best lr of a "
              "half-decade grid 1e-4..1 at 2 seeds × 2,000 steps (`results/grid/`), then, where a full-budget grid "
              "around it exists (`scripts/baselines_fine.sh`, extended while its best is at an end), the best lr of "
              "that grid; \"diverged\": NaN/Inf, or final loss above the initial loss.", "",
