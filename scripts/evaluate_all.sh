@@ -4,6 +4,7 @@
 #   1. tuned baselines of every MNIST task (coarse grid, then the best lr at 10 x 10k; MLPs also the fine step)
 #   2. the CL+IL optimizers on every task (claims c and e)
 #   3. every other bundled name on MLP-orig (claims a, b, d, f), then on the other tasks
+#   4. bundled files and cards refreshed with their evaluations, README table regenerated
 # usage: scripts/evaluate_all.sh      (env: PYTHON, WORKERS=1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,3 +15,6 @@ scripts/baselines_fine.sh mlp-orig mlp-relu mlp-deeper mlp-fashion
 for task in $TASKS; do scripts/evaluate_learned.sh "$task" 10 dm-cl-il rnnprop-cl-il; done
 scripts/evaluate_learned.sh mlp-orig 10 dm dm-il dm-cl rnnprop scale scale-cl-il
 for task in $TASKS; do scripts/evaluate_learned.sh "$task" 10 dm dm-il dm-cl rnnprop scale scale-cl-il; done
+# 4. every bundled file and card gets the evaluations of its own weights; the README table is regenerated
+$PYTHON -m meta_train.export --refresh $($PYTHON -c "import learned_optim; print(' '.join(learned_optim.available_weights()))")
+$PYTHON -m meta_train.report results --readme README.md
