@@ -128,12 +128,12 @@ NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 def identity_init_slices(module: nn.Module) -> list[tuple[int, int, float]]:
     """(start, stop, value) of the flat parameter vector for every normalisation layer's scale (1) and
     shift (0), in ``module.parameters()`` order."""
-    owner = {id(p): (m, n) for m in module.modules() if isinstance(m, NORM_LAYERS)
+    value = {id(p): 1.0 if n == "weight" else 0.0 for m in module.modules() if isinstance(m, NORM_LAYERS)
              for n, p in m.named_parameters(recurse=False)}
     slices, offset = [], 0
     for p in module.parameters():
-        if id(p) in owner:
-            slices.append((offset, offset + p.numel(), 1.0 if owner[id(p)][1] == "weight" else 0.0))
+        if id(p) in value:
+            slices.append((offset, offset + p.numel(), value[id(p)]))
         offset += p.numel()
     return slices
 
