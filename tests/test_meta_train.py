@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import learned_optim
 from helpers import write_synthetic_cifar10, write_synthetic_mnist
@@ -145,6 +147,23 @@ def test_every_task_gives_finite_loss_and_gradient(name, data_root):
     loss, grad = task.loss_and_grad(theta, batch)
     assert math.isfinite(float(loss)) and grad.shape == theta.shape and torch.isfinite(grad).all()
     assert abs(float(loss) - math.log(10)) < 0.5  # near-uniform predictions at init
+
+
+@settings(max_examples=20, deadline=None)
+@given(channels=st.integers(1, 4), height=st.integers(1, 9), width=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_nas_cell_pool_is_avg_pool_without_padding_counts(channels, height, width, seed):
+    from meta_train.tasks.models import AvgPool3x3
+
+    x = torch.randn(2, channels, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = AvgPool3x3()(x1)
+    ref = torch.nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)(x2)
+    upstream = torch.randn_like(ref)
+    (ours * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    assert list(AvgPool3x3().parameters()) == [] and list(AvgPool3x3().buffers()) == []
 
 
 def test_cifar10_loader_reads_the_on_disk_format(data_root):
