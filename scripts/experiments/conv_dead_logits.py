@@ -14,6 +14,7 @@ times their share of the data; on a balanced split that is ``k * ln(10) / 10``, 
 
 Usage: python scripts/experiments/conv_dead_logits.py [--optimizers dm-cl-il,adam,sgd,rmsprop] [--seeds 0,1,2]
        [--steps 1000] [--data-root PATH] [--out results/diagnostics/conv_dead_logits.json]
+       ``--optimizers ""`` only refreshes part 1 from results/ and keeps the rollouts already in --out.
 """
 from __future__ import annotations
 
@@ -128,8 +129,12 @@ def main(argv=None) -> None:
     names = [n for n in args.optimizers.split(",") if n]
     every = ["adam", "rmsprop", "sgd", "dm", "dm-cl", "dm-il", "dm-cl-il", "rnnprop", "rnnprop-cl-il", "scale",
              "scale-cl-il"]
+    out = Path(args.out)
+    # --optimizers "" refreshes part 1 only and keeps the rollouts already measured in --out
+    previous = json.loads(out.read_text()) if not names and out.exists() else {}
+    kept = previous.get("measured", {})
     result = {"task": TASK, "floors_ln": {k: round(floor_ln(k), 3) for k in range(1, 8)},
-              "from_results": from_results(Path(args.results), every), "measured": {}}
+              "from_results": from_results(Path(args.results), every), "measured": kept}
     for name, row in result["from_results"].items():
         print(name, "at most this many dead classes per seed:", row["max_dead_classes"], flush=True)
     seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -138,8 +143,10 @@ def main(argv=None) -> None:
         lr = None if name not in ev.BASELINES else stored["lr"]
         result["measured"][name] = measured(name, lr, seeds, args.steps, args.data_root, stored)
     result["command"] = "python scripts/experiments/conv_dead_logits.py " + " ".join(argv or [])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    if kept:
+        result["measured_by"] = previous.get("measured_by") or previous["command"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
