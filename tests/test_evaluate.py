@@ -306,8 +306,8 @@ def test_claims_are_computed_from_results():
     from meta_train.report import claims_markdown
 
     def cell(mean, diverged=0, curve=(2.3, 0.5, 0.1)):  # noqa: E306
-        return {"final_ln_loss_mean": mean, "final_ln_loss_std": 0.1, "diverged": diverged, "seeds": [0],
-                "losses": [list(curve)]}
+        return {"final_ln_loss_mean": mean, "final_ln_loss": [mean], "final_ln_loss_std": 0.1, "diverged": diverged,
+                "seeds": [0], "losses": [list(curve)]}
 
     cells = {("mlp-orig", "dm"): cell(0.5, diverged=1), ("mlp-orig", "dm-cl"): cell(-2.0),
              ("mlp-orig", "dm-il"): cell(-1.0), ("mlp-orig", "dm-cl-il"): cell(-3.0), ("mlp-orig", "adam"): cell(-6.0)}
@@ -329,7 +329,13 @@ def test_claims_are_computed_from_results():
     cells[("mlp-relu", "dm-cl-il")] = cell(1.0, diverged=1)
     cells[("mlp-fashion", "adam")] = cell(-1.0)
     text = claims_markdown(cells)
-    assert "dm-cl-il on mlp-relu 1.00 from ln 0.83, 1/1 diverged" in text
+    assert "dm-cl-il on mlp-relu 1.00 from ln 0.83, 1/1 diverged, 1/1 not 0.1 below their start" in text
     assert "**did not hold**: trains on 1 of 2 measured task/optimizer pairs, beats tuned Adam on 1" in text
+    cells[("mlp-relu", "dm-cl-il")] = cell(0.80)  # below its start (ln 2.3 = 0.83), but by less than 0.1: stalled
+    text = claims_markdown(cells)
+    assert "dm-cl-il on mlp-relu 0.80 from ln 0.83, 0/1 diverged, 1/1 not 0.1 below their start" in text
+    assert "**did not hold**: trains on 1 of 2 measured" in text
+    cells[("mlp-relu", "dm-cl-il")] = cell(0.70)
+    assert "**held**: trains on 2 of 2 measured" in claims_markdown(cells)
     cells[("mlp-relu", "dm-cl-il")] = {**cell(None, diverged=1), "final_ln_loss_std": None}  # a seed hit NaN
     assert "dm-cl-il on mlp-relu NaN/Inf from ln 0.83, 1/1 diverged" in claims_markdown(cells)
