@@ -253,7 +253,8 @@ def claims_markdown(cells: dict[tuple[str, str], dict[str, Any]]) -> str:
         f"{_verdict(all(oks))}: trains on {sum(oks)} of {len(oks)} measured task/optimizer pairs, "
         f"beats tuned Adam on {beats}")
     lines.append("- (e) the CL+IL optimizers transfer beyond MLP-orig (every seed ends at least "
-                 f"{STALL_NATS} below its own initial ln loss): " + ("; ".join(rows) if rows else "not measured") + f": {verdict}")
+                 f"{STALL_NATS} below its own initial ln loss): "
+                 + ("; ".join(rows) if rows else "not measured") + f": {verdict}")
     # (f) at least as good as the paper's released weights of the same name
     rows, oks = [], []
     for name, released in RELEASED_MLP_ORIG.items():

@@ -4,7 +4,8 @@ The paper's Conv-MNIST (reproduced in ``meta_train.tasks.models.ConvNet``) puts 
 class's pre-activation is negative on every input its logit is 0 and no gradient reaches its FC row (only a change
 of the shared conv features could revive it), and every image of that class then costs at least ln 10 (its logit
 is 0, the others can only be >= 0). With ``k`` such dead classes out of 10 the mean loss cannot go below ln(10)
-times their share of the data; on a balanced split that is ``k * ln(10) / 10``, whose ln is -1.47, -0.77, -0.37, -0.08, +0.14, +0.32, +0.48 for k = 1 ... 7.
+times their share of the data; on a balanced split that is ``k * ln(10) / 10``, whose ln is -1.47, -0.77, -0.37,
+-0.08, +0.14, +0.32, +0.48 for k = 1 ... 7.
 
 1. From the committed results (no compute): for each optimizer's 10 seeds on conv-mnist, the final ln loss, the
    most dead classes it allows (the largest k whose floor is not above it) and that floor.
