@@ -215,11 +215,12 @@ def round6(value: float) -> float | None:
     return float(f"{value:.6g}") if math.isfinite(value) else None
 
 
-def run_seed(spec: RunSpec, seed: int, data: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Train one optimizee for ``spec.steps`` steps; the loss of every step (stops at the first NaN/Inf)."""
+def train_seed(spec: RunSpec, seed: int,
+               data: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.nn.Module, list[float | None]]:
+    """Train one optimizee for ``spec.steps`` steps: the trained model and the loss of every step (stops at the
+    first NaN/Inf)."""
     from .tasks import Task
 
-    start = time.perf_counter()
     torch.manual_seed(seed)  # anything drawing from the global stream is seeded too
     task = Task(spec.task, train=False, device=spec.device, data=data if data is not None else load_task_data(spec))
     generator = torch.Generator().manual_seed(seed)
@@ -236,6 +237,13 @@ def run_seed(spec: RunSpec, seed: int, data: tuple[torch.Tensor, torch.Tensor] |
             break
         loss.backward()
         opt.step()
+    return model, losses
+
+
+def run_seed(spec: RunSpec, seed: int, data: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Train one optimizee for ``spec.steps`` steps; the loss of every step (stops at the first NaN/Inf)."""
+    start = time.perf_counter()
+    _, losses = train_seed(spec, seed, data)
     return {"seed": seed, "losses": losses, "seconds": time.perf_counter() - start}
 
 

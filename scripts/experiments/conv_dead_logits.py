@@ -26,10 +26,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from meta_train import evaluate as ev
-from meta_train.tasks import Task
 
 TASK = "conv-mnist"
 CLASSES = 10
@@ -88,26 +86,15 @@ def dead_classes(model: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> l
 def measured(name: str, lr: float | None, seeds: list[int], steps: int, data_root, stored: dict | None) -> list:
     spec = ev.make_spec(name, TASK, lr=lr, steps=steps, seeds=seeds, data_root=data_root)
     data = ev.load_task_data(spec)
+    x, y = data
     rows = []
     for seed in seeds:
         start = time.perf_counter()
-        torch.manual_seed(seed)  # as run_seed
-        task = Task(spec.task, train=False, device=spec.device, data=data)
-        generator = torch.Generator().manual_seed(seed)
-        model = ev.build_model(task, task.init_params(generator))
-        opt = ev.build_optimizer(spec, model.parameters())
-        losses = []
-        for _ in range(steps):
-            batch = task.sample_batch(generator)
-            opt.zero_grad()
-            loss = F.cross_entropy(model(batch.x), batch.y)
-            losses.append(ev.round6(float(loss.detach())))
-            loss.backward()
-            opt.step()
-        dead = dead_classes(model, task.x)
+        model, losses = ev.train_seed(spec, seed, data)
+        dead = dead_classes(model, x)
         row = {"seed": seed, "steps": steps, "dead_classes": dead,
-               "ln_loss_last100": math.log(sum(losses[-100:]) / 100),
-               "floor_ln_of_dead": floor_ln_of(dead, task.y), "seconds": round(time.perf_counter() - start, 1)}
+               "ln_loss_last100": math.log(sum(losses[-100:]) / len(losses[-100:])),
+               "floor_ln_of_dead": floor_ln_of(dead, y), "seconds": round(time.perf_counter() - start, 1)}
         if stored is not None:
             ref = stored["losses"][stored["seeds"].index(seed)][:steps]
             row["matches_committed_curve"] = ref == losses
@@ -144,7 +131,7 @@ def main(argv=None) -> None:
         lr = None if name not in ev.BASELINES else stored["lr"]
         result["measured"][name] = measured(name, lr, seeds, args.steps, args.data_root, stored)
     result["command"] = "python scripts/experiments/conv_dead_logits.py " + " ".join(argv or [])
-    if kept:
+    if not names and kept:
         result["measured_by"] = previous.get("measured_by") or previous["command"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
