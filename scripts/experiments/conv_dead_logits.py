@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from learned_optim.weights import available_weights
 from meta_train import evaluate as ev
 
 TASK = "conv-mnist"
@@ -49,9 +50,11 @@ def floor_ln_of(dead: list[int], y: torch.Tensor) -> float | None:
 TOLERANCE = 0.035
 
 
-def implied_dead(final_ln: float) -> int:
+def implied_dead(final_ln: float | None) -> int | None:
     """At most how many classes can be dead for this final ln loss: the largest k whose (balanced) floor is not
-    above it. The loss sits on that floor when it is within a few hundredths of it."""
+    above it (None for a seed that hit NaN/Inf). The loss sits on that floor when it is within a few hundredths."""
+    if final_ln is None:
+        return None
     return max(k for k in range(CLASSES + 1) if floor_ln(k) <= final_ln + TOLERANCE)
 
 
@@ -67,10 +70,9 @@ def from_results(results: Path, names: list[str]) -> dict:
         data = committed(results, name)
         if data is None:
             continue
-        finals = data["final_ln_loss"]
-        out[name] = {"lr": data["lr"], "final_ln_loss": finals,
-                     "max_dead_classes": [implied_dead(f) for f in finals],
-                     "floor_of_implied": [round(floor_ln(k), 3) if k else None for k in map(implied_dead, finals)]}
+        dead = [implied_dead(f) for f in data["final_ln_loss"]]
+        out[name] = {"lr": data["lr"], "final_ln_loss": data["final_ln_loss"], "max_dead_classes": dead,
+                     "floor_of_implied": [round(floor_ln(k), 3) if k else None for k in dead]}
     return out
 
 
@@ -115,8 +117,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     names = [n for n in args.optimizers.split(",") if n]
-    every = ["adam", "rmsprop", "sgd", "dm", "dm-cl", "dm-il", "dm-cl-il", "rnnprop", "rnnprop-cl-il", "scale",
-             "scale-cl-il"]
+    every = [*ev.BASELINES, *available_weights()]
     out = Path(args.out)
     # --optimizers "" refreshes part 1 only and keeps the rollouts already measured in --out
     previous = json.loads(out.read_text()) if not names and out.exists() else {}
