@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import time
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def main(argv=None) -> None:
         stored = committed(Path(args.results), name)
         lr = None if name not in ev.BASELINES else stored["lr"]
         result["measured"][name] = measured(name, lr, seeds, args.steps, args.data_root, stored)
-    result["command"] = "python scripts/experiments/conv_dead_logits.py " + " ".join(argv or [])
+    result["command"] = shlex.join(["python", "scripts/experiments/conv_dead_logits.py", *(argv or [])])
     if not names and kept:
         result["measured_by"] = previous.get("measured_by") or previous["command"]
     out.parent.mkdir(parents=True, exist_ok=True)
