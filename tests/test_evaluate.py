@@ -337,5 +337,9 @@ def test_claims_are_computed_from_results():
     assert "**did not hold**: trains on 1 of 2 measured" in text
     cells[("mlp-relu", "dm-cl-il")] = cell(0.70)
     assert "**held**: trains on 2 of 2 measured" in claims_markdown(cells)
+    cells[("mlp-relu", "scale-cl-il")] = cell(0.80)  # every CL+IL model counts, L2O-Scale's too
+    text = claims_markdown(cells)
+    assert "scale-cl-il on mlp-relu 0.80 from ln 0.83" in text and "**did not hold**: trains on 2 of 3 measured" in text
+    del cells[("mlp-relu", "scale-cl-il")]
     cells[("mlp-relu", "dm-cl-il")] = {**cell(None, diverged=1), "final_ln_loss_std": None}  # a seed hit NaN
     assert "dm-cl-il on mlp-relu NaN/Inf from ln 0.83, 1/1 diverged" in claims_markdown(cells)
