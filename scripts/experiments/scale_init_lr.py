@@ -13,8 +13,9 @@ For every task this prints and writes to ``--out``:
 1. From the committed results (no compute): the final ln loss and initial ln loss of ``scale`` and ``scale-cl-il``
    per seed, and whether every seed ended at least 0.1 below its start (claim (e)'s test).
 2. Measured: the evaluation rollout (same task, seed 0, data order and optimizer as ``meta_train.evaluate``) for
-   ``--steps`` steps. It records the coordinate count, the offset's position u in [0, 1] within its range, and the
-   quantiles of the step size exp(log_lr - 1) after step 1 and after the last step.
+   ``--steps`` steps, checked against the committed curve of seed 0. It records the coordinate count, the
+   offset's position u in [0, 1] within its range, and the quantiles of the step size exp(log_lr - 1) after
+   step 1 and after the last step.
 3. With ``--per-tensor-steps N``: the same rollout of ``scale-cl-il`` for N steps on ``--per-tensor-tasks``, once as
    shipped and once with one offset per tensor (the TF code's draw), reporting ln of the last 100 losses.
 
@@ -36,12 +37,20 @@ import torch.nn.functional as F
 from learned_optim.rules import scale as scale_rule
 from learned_optim.rules.base import layout_numels
 from meta_train import evaluate as ev
+from meta_train.report import STALL_NATS
 from meta_train.tasks import Task
 
 NAMES = ("scale", "scale-cl-il")
 TASKS = ("mlp-orig", "mlp-relu", "mlp-deeper", "conv-mnist", "lenet", "nas-cell", "mlp-fashion")
-STALL_NATS = 0.1
-LOG_LR_ROW = 18  # row of log_lr in the per-coordinate state (see learned_optim/rules/scale.py)
+LOG_LR_ROW = scale_rule._LOGLR  # row of log_lr in the per-coordinate state
+
+
+def committed_curve(results: Path, name: str, task: str, seed: int = 0) -> list | None:
+    path = results / f"{name}__{task}.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return data["losses"][data["seeds"].index(seed)]
 
 
 def committed(results: Path, name: str, task: str) -> dict | None:
@@ -63,8 +72,10 @@ def step_sizes(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> dict:
             "max": float(f"{lr.max():.3g}")}
 
 
-def rollout(name: str, task_name: str, steps: int, data, data_root, seed: int = 0) -> dict:
-    """The evaluation's rollout of seed ``seed``, keeping the optimizer to read its step sizes."""
+def rollout(name: str, task_name: str, steps: int, data, data_root, seed: int = 0,
+            committed_losses: list | None = None) -> dict:
+    """The evaluation's rollout of seed ``seed``, keeping the optimizer to read its step sizes; with
+    ``committed_losses`` (that seed's committed curve) it records whether the rollout reproduces it."""
     spec = ev.make_spec(name, task_name, steps=steps, seeds=[seed], data_root=data_root)
     torch.manual_seed(seed)
     task = Task(spec.task, train=False, device=spec.device, data=data)
@@ -77,7 +88,7 @@ def rollout(name: str, task_name: str, steps: int, data, data_root, seed: int = 
         batch = task.sample_batch(generator)
         opt.zero_grad()
         loss = F.cross_entropy(model(batch.x), batch.y)
-        losses.append(float(loss.detach()))
+        losses.append(ev.round6(float(loss.detach())))  # as the evaluation stores them
         loss.backward()
         opt.step()
         if after_first is None:
@@ -86,7 +97,8 @@ def rollout(name: str, task_name: str, steps: int, data, data_root, seed: int = 
     numels = layout_numels([tuple(p.shape) for p in params])
     # the shared offset is the (n+1)-th draw of the generator init_state receives (seeded by position 0)
     u = float(torch.rand(sum(numels) + 1, generator=torch.Generator().manual_seed(0))[-1])
-    return {"coordinates": sum(numels), "tensors": len(numels), "offset_u": round(u, 3),
+    row = {} if committed_losses is None else {"matches_committed_curve": committed_losses[:steps] == losses}
+    return {**row, "coordinates": sum(numels), "tensors": len(numels), "offset_u": round(u, 3),
             "step_size_after_step_1": after_first, f"step_size_after_step_{steps}": step_sizes(opt, params),
             "log_lr_readout": {"weight_abs_max": float(f"{readout.weight.abs().max():.3g}"),
                                "bias": float(f"{readout.bias.item():.3g}")},
@@ -128,17 +140,20 @@ def main(argv=None) -> None:
         row = {name: {"results": committed(Path(args.results), name, task_name)} for name in NAMES}
         for name in NAMES:
             start = time.perf_counter()
-            row[name]["rollout"] = rollout(name, task_name, args.steps, data, args.data_root)
+            row[name]["rollout"] = rollout(name, task_name, args.steps, data, args.data_root,
+                                           committed_losses=committed_curve(Path(args.results), name, task_name))
             row[name]["rollout"]["seconds"] = round(time.perf_counter() - start, 1)
         out["tasks"][task_name] = row
         print(task_name, json.dumps(row), flush=True)
     for task_name in [t for t in args.per_tensor_tasks.split(",") if t] if args.per_tensor_steps else []:
         spec = ev.make_spec("scale-cl-il", task_name, steps=1, seeds=[0], data_root=args.data_root)
         data = ev.load_task_data(spec)
-        shipped = rollout("scale-cl-il", task_name, args.per_tensor_steps, data, args.data_root)
+        shipped = rollout("scale-cl-il", task_name, args.per_tensor_steps, data, args.data_root,
+                          committed_losses=committed_curve(Path(args.results), "scale-cl-il", task_name))
         scale_rule.L2OScaleRule.init_state = per_tensor_init_state
         try:
             per_tensor = rollout("scale-cl-il", task_name, args.per_tensor_steps, data, args.data_root)
+            del per_tensor["offset_u"]  # the shipped draw's single offset, which this draw does not use
         finally:
             scale_rule.L2OScaleRule.init_state = ORIGINAL_INIT_STATE
         out["per_tensor_offsets"][task_name] = {"steps": args.per_tensor_steps, "shipped": shipped,
