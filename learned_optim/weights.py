@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .rules import RULES, Rule, build_rule
+from .rules import RULES, Rule, build_rule, stored_config
 
 FORMAT = "learned_optim"
 FORMAT_VERSION = "1"
@@ -80,12 +80,16 @@ def weights_digest(path: str | os.PathLike) -> str:
     """sha256 of what a weight file *computes*: its rule, config and tensors (names, dtypes, shapes, bytes).
 
     Unlike :func:`sha256_file` it ignores the provenance metadata (recipe, evaluation, version), so re-exporting
-    the same weights with an updated model card keeps the digest; evaluations are keyed on it.
+    the same weights with an updated model card keeps the digest; evaluations are keyed on it. Config keys at
+    the value their absence means (``Rule.legacy_config``) are left out, so a file written before such a key
+    existed and the same weights re-exported with it spelled out share a digest.
     """
     from safetensors import safe_open
 
     meta = read_metadata(path)
-    digest = hashlib.sha256(json.dumps({"rule": meta["rule"], "config": meta["config"]}, sort_keys=True).encode())
+    legacy = RULES[meta["rule"]].legacy_config
+    config = {k: v for k, v in meta["config"].items() if k not in legacy or legacy[k] != v}
+    digest = hashlib.sha256(json.dumps({"rule": meta["rule"], "config": config}, sort_keys=True).encode())
     with safe_open(str(path), framework="pt") as fh:
         for key in sorted(fh.keys()):
             tensor = fh.get_tensor(key).contiguous()
@@ -257,18 +261,19 @@ def load_rule(path: str | os.PathLike, *, rule: str | None = None, config: dict 
     if rule is not None and meta["rule"] != rule:
         raise WeightsError(f"{path} holds {meta['rule']!r} weights but a {rule!r} rule was asked for; use "
                            f"learned_optim.{_CLASS_FOR_RULE.get(meta['rule'], 'LearnedOptimizer')} for this file")
+    stored = stored_config(meta["rule"], meta["config"])
     if config is not None:
         try:
             expected = build_rule(meta["rule"], config).config()
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise WeightsError(f"The requested config {config} does not fit rule {meta['rule']!r} ({exc}); "
-                               f"{path} was trained with {meta['config']}") from exc
-        if expected != meta["config"]:
-            raise WeightsError(f"{path} was trained with config {meta['config']}, which does not match the "
+                               f"{path} was trained with {stored}") from exc
+        if expected != stored:
+            raise WeightsError(f"{path} was trained with config {stored}, which does not match the "
                                f"requested {expected}; drop the config override or use matching weights")
     try:
-        module = build_rule(meta["rule"], meta["config"])
-    except TypeError as exc:
+        module = build_rule(meta["rule"], stored)
+    except (TypeError, ValueError) as exc:
         raise WeightsError(f"{path}: config {meta['config']} does not fit rule {meta['rule']!r} ({exc})") from exc
     try:
         tensors = load_file(str(path))

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from learned_optim.rules import Rule, build_rule
+from learned_optim.rules import Rule, build_rule, stored_config
 
 from .curriculum import ADVANCE, IMPROVED, STOP, Curriculum
 from .export import export_weights
@@ -113,8 +113,14 @@ class Trainer:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.device = torch.device(cfg.device)
+        self.log_path, self.ckpt_path = self.out / "log.jsonl", self.out / "checkpoint.pt"
+        self._ckpt = (torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+                      if cfg.resume and self.ckpt_path.exists() else None)
         torch.manual_seed(cfg.seed)  # the rule's fresh initialisation: identical on every rank
-        self.rule: Rule = build_rule(cfg.model).to(self.device)
+        # a resumed run keeps the rule config it started with (a checkpoint written before configs were
+        # stored means the config keys of that time: stored_config fills in what their absence meant)
+        rule_config = stored_config(cfg.model, self._ckpt.get("rule_config", {})) if self._ckpt else None
+        self.rule: Rule = build_rule(cfg.model, rule_config).to(self.device)
         self.task = Task(cfg.task, train=True, data_root=cfg.data_root, device=self.device)
         self.meta_opt = _make_meta_optimizer(self.r["meta_optimizer"], self.rule.parameters(), self.r["meta_lr"])
         # imitation has its own meta-optimizer for DM/RNNprop; L2O-Scale shares its RMSprop (as the original)
@@ -131,7 +137,6 @@ class Trainer:
         self.stop_reason = ""
         self.self_improving = SelfImproving(cfg.teachers_self_improving) if cfg.self_improving else None
         self._signal = None
-        self.log_path, self.ckpt_path = self.out / "log.jsonl", self.out / "checkpoint.pt"
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ helpers
@@ -238,6 +243,7 @@ class Trainer:
         state = {
             "version": 1, "config": self.cfg.__dict__, "resolved": self.r, "epoch": self.epoch,
             "num_evals": self.num_evals, "elapsed": self.elapsed, "rule": self.rule.state_dict(),
+            "rule_config": self.rule.config(),
             "meta_opt": self.meta_opt.state_dict(), "il_opt": self.il_opt.state_dict(),
             "best_state": self.best_state, "best_val": self.best_val,
             "curriculum": self.curriculum.to_dict() if self.curriculum else None,
@@ -252,7 +258,9 @@ class Trainer:
         os.replace(tmp, self.ckpt_path)
 
     def _restore(self) -> None:
-        ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        ckpt = self._ckpt if self._ckpt is not None else torch.load(self.ckpt_path, map_location=self.device,
+                                                                     weights_only=False)
+        self._ckpt = None
         if ckpt["world_size"] != self.world:
             raise RuntimeError(f"checkpoint was written by {ckpt['world_size']} process(es); resume with the same "
                                f"number (now {self.world})")

@@ -301,6 +301,21 @@ def test_resume_is_bit_identical(tmp_path, data_root):
     assert strip(straight / "log.jsonl") == strip(split / "log.jsonl")
 
 
+def test_resume_keeps_the_rule_config_of_the_checkpoint(tmp_path, data_root):
+    out = tmp_path / "s"
+    args = ["--model", "scale", "--out", str(out), *TINY[:2], "--eval-every", "1", "--eval-runs", "1",
+            "--no-progress", "--threads", "1"]
+    assert run_cli([*args, "--epochs", "1"], data_root).returncode == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["rule_config"]["lr_offset"] == "tensor"  # a fresh run draws as the original
+    del ckpt["rule_config"]  # a checkpoint written before rule configs were stored
+    torch.save(ckpt, out / "checkpoint.pt")
+    proc = run_cli([*args, "--epochs", "2", "--resume"], data_root)
+    assert proc.returncode == 0, proc.stderr
+    assert learned_optim.read_metadata(out / "weights.safetensors")["config"]["lr_offset"] == "shared"
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["rule_config"]["lr_offset"] == "shared"
+
+
 def test_resume_refuses_a_different_recipe(tmp_path, data_root):
     out = tmp_path / "r"
     assert run_cli(["--model", "dm", "--epochs", "2", "--out", str(out), *TINY[:2], "--eval-every", "1",

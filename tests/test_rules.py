@@ -68,6 +68,31 @@ def test_scale_structure():
     assert (log_lr >= math.log(1e-6) - 1e-5).all() and (log_lr <= math.log(1e-2) + 1e-5).all()
 
 
+def _scale_offsets(lr_offset):
+    """(per-coordinate part, offset) of the initial log-lr, recomputed from the generator's draw."""
+    layout, n, t = [(3, 4), (5,), (2, 2)], 21, 3
+    rule = build_rule("scale", {"lr_offset": lr_offset})
+    log_lr = rule.init_state(layout, generator=torch.Generator().manual_seed(7))["coord"][18]
+    lo, hi = math.log(1e-6) / 2, math.log(1e-2) / 2
+    u = lo + (hi - lo) * torch.rand(n + (t if lr_offset == "tensor" else 1), generator=torch.Generator().manual_seed(7))
+    return log_lr, u[:n], u[n:]
+
+
+def test_scale_initial_log_lr_offset_per_tensor_as_the_original():
+    log_lr, coord, offsets = _scale_offsets("tensor")
+    assert offsets.shape == (3,) and len(set(offsets.tolist())) == 3
+    torch.testing.assert_close(log_lr, coord + offsets.repeat_interleave(torch.tensor([12, 5, 4])), rtol=0, atol=0)
+    assert build_rule("scale").lr_offset == "tensor"  # a fresh rule draws as the original does
+
+
+def test_scale_shared_offset_keeps_the_draw_of_files_written_before_the_key():
+    log_lr, coord, offset = _scale_offsets("shared")
+    torch.testing.assert_close(log_lr, coord + offset, rtol=0, atol=0)  # one offset, bit-identical to before
+    assert RULES["scale"].legacy_config == {"lr_offset": "shared"}
+    with pytest.raises(ValueError, match="lr_offset"):
+        build_rule("scale", {"lr_offset": "layer"})
+
+
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_forward_is_pure_and_shapes_are_kept(name):
     torch.manual_seed(0)

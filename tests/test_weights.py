@@ -100,6 +100,28 @@ def test_weights_digest_names_the_tensors_not_the_provenance(tmp_path):
     assert f"`{learned_optim.weights_digest(a)}`" in learned_optim.model_card(a)
 
 
+def test_config_key_added_later_means_its_legacy_value_in_old_files(tmp_path):
+    torch.manual_seed(0)
+    shared = learned_optim.build_rule("scale", {"lr_offset": "shared"})
+    spelled = learned_optim.save_weights(shared, tmp_path / "spelled.safetensors")
+    old = tmp_path / "old.safetensors"  # as written before the key existed
+    old.write_bytes(spelled.read_bytes())
+    config = json.loads(raw_metadata(old)["config"])
+    del config["lr_offset"]
+    _rewrite(old, metadata={**raw_metadata(old), "config": json.dumps(config, sort_keys=True)})
+    assert "lr_offset" not in learned_optim.read_metadata(old)["config"]
+    assert learned_optim.load_rule(old).lr_offset == "shared"
+    assert learned_optim.load_rule(old, config={"lr_offset": "shared"}).lr_offset == "shared"
+    with pytest.raises(WeightsError, match="does not match"):
+        learned_optim.load_rule(old, config={"lr_offset": "tensor"})
+    # the same computation, so the same digest: evaluations keyed on the old file stay valid
+    assert learned_optim.weights_digest(old) == learned_optim.weights_digest(spelled)
+    per_tensor = learned_optim.build_rule("scale", {"lr_offset": "tensor"})
+    per_tensor.load_state_dict(shared.state_dict())
+    other = learned_optim.save_weights(per_tensor, tmp_path / "tensor.safetensors")
+    assert learned_optim.weights_digest(other) != learned_optim.weights_digest(old)
+
+
 @pytest.mark.parametrize("name", RULE_NAMES)
 def test_round_trip_defaults_and_load_with_expected_rule_and_config(tmp_path, name):
     path = write(tmp_path, name)

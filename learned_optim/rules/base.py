@@ -43,6 +43,9 @@ class Rule(nn.Module):
     name: str = ""
     #: True when every coordinate is updated independently of the others
     coordinatewise: bool = True
+    #: values meant by config keys that a stored config (weight file, checkpoint) lacks because it was
+    #: written before the key existed; fresh rules use the constructor's defaults
+    legacy_config: dict = {}
 
     def state_kinds(self) -> dict[str, str]:
         """How each state key is indexed on its last dimension: ``coord`` (one column per coordinate),

@@ -15,6 +15,12 @@ readout biases 3.2 and 2.2, step-size offset -1, lr momentum logit 3.2) follow t
 State (feature-major, coordinates last): ``coord`` (21, N) = rows [h (10); momenta a (4);
 mean squares ms (4); log_lr; scl_decay; inp_decay], ``tensor`` (20, T), ``glob`` (20, 1),
 ``numels`` (T,) the tensor sizes of the layout.
+
+Initial log learning rates (``init_state``): per coordinate U(ln(min_lr)/2, ln(max_lr)/2) plus an
+offset from the same range. ``lr_offset="tensor"`` draws one offset per tensor, as the original's
+``_initialize_state(var)`` does per variable; ``"shared"`` draws one for the whole layout, which is
+what learned_optim did before this key existed, and what a stored config without the key means
+(``legacy_config``), so weight files written then keep computing what they computed.
 """
 from __future__ import annotations
 
@@ -72,14 +78,21 @@ class L2OScaleRule(Rule):
     name = "scale"
     coordinatewise = False
 
+    legacy_config = {"lr_offset": "shared"}
+    LR_OFFSETS = ("tensor", "shared")
+
     def __init__(self, param_hidden: int = 10, tensor_hidden: int = 20, global_hidden: int = 20,
-                 min_lr: float = 1e-6, max_lr: float = 1e-2):
+                 min_lr: float = 1e-6, max_lr: float = 1e-2, lr_offset: str = "tensor"):
         super().__init__()
         if (param_hidden, tensor_hidden, global_hidden) != (10, 20, 20):
             # the packed state layout below assumes the paper's sizes
             raise ValueError("Invalid L2O-Scale sizes: only (10, 20, 20) is supported")
         if not 0 < min_lr <= max_lr:
             raise ValueError(f"Invalid learning-rate range: min_lr={min_lr}, max_lr={max_lr}")
+        if lr_offset not in self.LR_OFFSETS:
+            raise ValueError(f"Invalid lr_offset {lr_offset!r}: 'tensor' (one initial log-lr offset per tensor, "
+                             "as the original) or 'shared' (one for all tensors)")
+        self.lr_offset = lr_offset
         self.param_hidden, self.tensor_hidden, self.global_hidden = param_hidden, tensor_hidden, global_hidden
         self.min_lr, self.max_lr = float(min_lr), float(max_lr)
         ph, th, gh = param_hidden, tensor_hidden, global_hidden
@@ -119,7 +132,7 @@ class L2OScaleRule(Rule):
 
     def config(self) -> dict:
         return {"param_hidden": self.param_hidden, "tensor_hidden": self.tensor_hidden,
-                "global_hidden": self.global_hidden, "min_lr": self.min_lr, "max_lr": self.max_lr}
+                "global_hidden": self.global_hidden, "min_lr": self.min_lr, "max_lr": self.max_lr, "lr_offset": self.lr_offset}
 
     def state_kinds(self) -> dict[str, str]:
         return {"coord": "coord", "tensor": "tensor", "glob": "global", "numels": "layout"}
@@ -129,8 +142,10 @@ class L2OScaleRule(Rule):
         n, t = sum(numels), len(numels)
         dev = device if device is not None else self.param_init.device
         lo, hi = math.log(self.min_lr) / 2, math.log(self.max_lr) / 2
-        u = torch.rand(n + 1, generator=generator, device="cpu").to(dev)
-        log_lr = lo + (hi - lo) * u[:n] + (lo + (hi - lo) * u[n])
+        per_tensor = self.lr_offset == "tensor"
+        u = lo + (hi - lo) * torch.rand(n + (t if per_tensor else 1), generator=generator, device="cpu").to(dev)
+        offset = u[n:].repeat_interleave(torch.tensor(numels, device=dev)) if per_tensor else u[n]
+        log_lr = u[:n] + offset
         coord = torch.cat([self.param_init.to(dev)[:, None].expand(-1, n), torch.zeros(8, n, device=dev),
                            log_lr[None], torch.zeros(2, n, device=dev)], dim=0)
         return {"coord": coord, "tensor": self.tensor_init.to(dev)[:, None].expand(-1, t).clone(),
