@@ -53,6 +53,27 @@ def select_cells(runs: list[dict[str, Any]], grids: list[dict[str, Any]]) -> dic
     return cells
 
 
+def bundled_digests() -> dict[str, str]:
+    """{bundled weights name: :func:`learned_optim.weights_digest` of its file}."""
+    from learned_optim.weights import available_weights, resolve_weights, weights_digest
+
+    return {name: weights_digest(resolve_weights(name)) for name in available_weights()}
+
+
+def split_stale(cells: dict[tuple[str, str], dict[str, Any]], digests: dict[str, str]
+                ) -> tuple[dict[tuple[str, str], dict[str, Any]], list[str]]:
+    """(cells, left out): a learned optimizer's result whose label is a bundled name but whose weights digest is
+    not that file's was measured on other weights (e.g. before a re-export that changed what they compute)."""
+    kept, stale = {}, []
+    for key, result in cells.items():
+        bundled = digests.get(key[1])
+        if result.get("rule") is not None and bundled is not None and result.get("weights_digest") != bundled:
+            stale.append(f"{key[1]} on {key[0]} (`{result['_file']}`)")
+        else:
+            kept[key] = result
+    return kept, stale
+
+
 def _order_tasks(tasks: set[str]) -> list[str]:
     try:
         from .tasks import TASKS
@@ -93,10 +114,11 @@ def format_cell(result: dict[str, Any], protocol: tuple[int, int] | None = None)
     return text + (f" ({', '.join(notes)})" if notes else "")
 
 
-def results_markdown(results_dir: str | os.PathLike) -> str:
-    """The markdown table and the list of commands behind it."""
+def results_markdown(results_dir: str | os.PathLike, digests: dict[str, str] | None = None) -> str:
+    """The markdown table and the list of commands behind it. ``digests``: {bundled name: weights digest}
+    (default: the bundled files'); results of other weights under those names are left out and listed."""
     runs, grids = load_results(results_dir)
-    cells = select_cells(runs, grids)
+    cells, stale = split_stale(select_cells(runs, grids), bundled_digests() if digests is None else digests)
     if not cells:
         return f"_No evaluation results in `{results_dir}`._\n"
     protocols = Counter((r["steps"], len(r["seeds"])) for r in cells.values())
@@ -114,6 +136,9 @@ def results_markdown(results_dir: str | os.PathLike) -> str:
     for task in tasks:
         row = [format_cell(cells[(task, label)], protocol) if (task, label) in cells else "–" for label in labels]
         lines.append(f"| {task} | " + " | ".join(row) + " |")
+    if stale:
+        lines += ["", "Left out, measured on other weights than the bundled file of that name (rerun their "
+                  "commands): " + "; ".join(stale) + "."]
     lines += ["", "Commands:", ""]
     seen = []
     for task in tasks:

@@ -288,6 +288,12 @@ def test_report_table_and_readme(tmp_path, data, dm_weights, capsys):
     assert "old table" not in text and "| mlp-orig |" in text and text.endswith("<!-- results:end -->\n\nafter\n")
     assert report.main([str(results), "--readme", str(readme)]) == 0 and readme.read_text() == text  # idempotent
 
+    # a bundled name whose file now computes something else: its old result is left out and named
+    stale = report.results_markdown(results, digests={"dm-test": "0" * 64})
+    assert "| task | adam |" in stale and "dm-test on mlp-orig (`dm-test__mlp-orig.json`)" in stale
+    assert "Left out" not in report.results_markdown(results, digests={"dm-test": learned_optim.weights_digest(
+        dm_weights)})
+
     no_markers = tmp_path / "OTHER.md"
     no_markers.write_text("# nothing to replace\n")
     assert report.main([str(results), "--readme", str(no_markers)]) == 1
