@@ -1,9 +1,10 @@
 """Diagnostic (not shipped): why the bundled L2O-Scale weights train some optimizees and stall on others.
 
 L2O-Scale's step is exp(log_lr - 1) times an RMS-normalised direction. Each coordinate's initial log_lr is
-U(ln(1e-6)/2, ln(1e-2)/2) plus one offset from the same range. ``learned_optim`` draws one offset for the whole
-parameter layout (``L2OScaleRule.init_state``), from a generator seeded by the first parameter's position, so the
-draw depends only on how many coordinates the model has: every evaluation seed of a task gets the same step sizes.
+U(ln(1e-6)/2, ln(1e-2)/2) plus an offset from the same range. The two bundled files were written before the rule
+config ``lr_offset`` existed, so they mean ``lr_offset="shared"``: one offset for the whole parameter layout
+(``L2OScaleRule.init_state``), from a generator seeded by the first parameter's position, so the draw depends only on
+how many coordinates the model has: every evaluation seed of a task gets the same step sizes.
 The TF code draws the offset once per variable (``hierarchical_rnn.py``, ``_initialize_state(var)``).
 Both bundled Scale files leave the log-lr readout at its zero initialisation (meta-lr 1e-6, see their cards), so
 the step sizes never move from that draw.
@@ -17,7 +18,8 @@ For every task this prints and writes to ``--out``:
    offset's position u in [0, 1] within its range, and the quantiles of the step size exp(log_lr - 1) after
    step 1 and after the last step.
 3. With ``--per-tensor-steps N``: the same rollout of ``scale-cl-il`` for N steps on ``--per-tensor-tasks``, once as
-   shipped and once with one offset per tensor (the TF code's draw), reporting ln of the last 100 losses.
+   shipped and once with one offset per tensor (the TF code's draw: the same weights with the rule config
+   ``lr_offset="tensor"``, the default of a fresh ``L2OScaleRule``), reporting ln of the last 100 losses.
 
 Usage: python scripts/experiments/scale_init_lr.py [--steps 200] [--per-tensor-steps 2000]
        [--per-tensor-tasks nas-cell] [--data-root PATH] [--out results/diagnostics/scale_init_lr.json]
@@ -28,14 +30,17 @@ import argparse
 import json
 import math
 import shlex
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from learned_optim.rules import build_rule
 from learned_optim.rules import scale as scale_rule
 from learned_optim.rules.base import layout_numels
+from learned_optim.weights import load_rule, resolve_weights, save_weights
 from meta_train import evaluate as ev
 from meta_train.report import STALL_NATS
 from meta_train.tasks import Task
@@ -106,21 +111,12 @@ def rollout(name: str, task_name: str, steps: int, data, data_root, seed: int = 
             "ln_loss_last100": round(math.log(sum(losses[-100:]) / len(losses[-100:])), 3)}
 
 
-def per_tensor_init_state(self, layout, *, device=None, generator=None):
-    """``L2OScaleRule.init_state`` with one offset per tensor (the TF code's draw) in place of one per layout."""
-    state = ORIGINAL_INIT_STATE(self, layout, device=device, generator=generator)
-    numels = layout_numels(layout)
-    lo, hi = math.log(self.min_lr) / 2, math.log(self.max_lr) / 2
-    # the same per-coordinate draws as shipped, then one offset per tensor from the continuing stream
-    stream = torch.Generator().manual_seed(generator.initial_seed())
-    per_coord = lo + (hi - lo) * torch.rand(sum(numels) + 1, generator=stream)[:-1]
-    offsets = lo + (hi - lo) * torch.rand(len(numels), generator=stream)
-    log_lr = per_coord + torch.repeat_interleave(offsets, torch.tensor(numels))
-    state["coord"][LOG_LR_ROW] = log_lr.to(state["coord"])
-    return state
-
-
-ORIGINAL_INIT_STATE = scale_rule.L2OScaleRule.init_state
+def per_tensor_copy(name: str, folder: Path) -> Path:
+    """The bundled weights ``name`` re-saved with ``lr_offset="tensor"`` (the TF code's draw): same tensors."""
+    shipped = load_rule(resolve_weights(name))
+    rule = build_rule("scale", {**shipped.config(), "lr_offset": "tensor"})
+    rule.load_state_dict(shipped.state_dict())
+    return save_weights(rule, folder / f"{name}-per-tensor.safetensors")
 
 
 def main(argv=None) -> None:
@@ -150,12 +146,10 @@ def main(argv=None) -> None:
         data = ev.load_task_data(spec)
         shipped = rollout("scale-cl-il", task_name, args.per_tensor_steps, data, args.data_root,
                           committed_losses=committed_curve(Path(args.results), "scale-cl-il", task_name))
-        scale_rule.L2OScaleRule.init_state = per_tensor_init_state
-        try:
-            per_tensor = rollout("scale-cl-il", task_name, args.per_tensor_steps, data, args.data_root)
-            del per_tensor["offset_u"]  # the shipped draw's single offset, which this draw does not use
-        finally:
-            scale_rule.L2OScaleRule.init_state = ORIGINAL_INIT_STATE
+        with tempfile.TemporaryDirectory() as tmp:
+            per_tensor = rollout(str(per_tensor_copy("scale-cl-il", Path(tmp))), task_name, args.per_tensor_steps,
+                                 data, args.data_root)
+        del per_tensor["offset_u"]  # the shipped draw's single offset, which this draw does not use
         out["per_tensor_offsets"][task_name] = {"steps": args.per_tensor_steps, "shipped": shipped,
                                                 "one_offset_per_tensor": per_tensor}
         print(task_name, "per-tensor offsets", json.dumps(out["per_tensor_offsets"][task_name]), flush=True)
