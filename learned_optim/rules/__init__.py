@@ -24,5 +24,5 @@ def stored_config(name: str, config: dict) -> dict:
     return {**_rule_class(name).legacy_config, **config}
 
 
-__all__ = ["Rule", "State", "RULES", "build_rule", "stored_config", "L2ODMRule", "RNNpropRule", "L2OScaleRule", "lstm_cell",
-           "log_and_sign"]
+__all__ = ["Rule", "State", "RULES", "build_rule", "stored_config", "L2ODMRule", "RNNpropRule", "L2OScaleRule",
+           "lstm_cell", "log_and_sign"]

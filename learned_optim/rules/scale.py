@@ -132,7 +132,8 @@ class L2OScaleRule(Rule):
 
     def config(self) -> dict:
         return {"param_hidden": self.param_hidden, "tensor_hidden": self.tensor_hidden,
-                "global_hidden": self.global_hidden, "min_lr": self.min_lr, "max_lr": self.max_lr, "lr_offset": self.lr_offset}
+                "global_hidden": self.global_hidden, "min_lr": self.min_lr, "max_lr": self.max_lr,
+                "lr_offset": self.lr_offset}
 
     def state_kinds(self) -> dict[str, str]:
         return {"coord": "coord", "tensor": "tensor", "glob": "global", "numels": "layout"}
