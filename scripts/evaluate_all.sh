@@ -13,8 +13,8 @@ TASKS="mlp-orig mlp-relu mlp-deeper mlp-fashion conv-mnist lenet nas-cell"
 scripts/baselines.sh $TASKS
 scripts/baselines_fine.sh mlp-orig mlp-relu mlp-deeper mlp-fashion
 for task in $TASKS; do scripts/evaluate_learned.sh "$task" 10 dm-cl-il rnnprop-cl-il scale-cl-il; done
-scripts/evaluate_learned.sh mlp-orig 10 dm dm-il dm-cl rnnprop scale
-for task in $TASKS; do scripts/evaluate_learned.sh "$task" 10 dm dm-il dm-cl rnnprop scale; done
+scripts/evaluate_learned.sh mlp-orig 10 dm dm-il dm-cl rnnprop scale dm-aug
+for task in $TASKS; do scripts/evaluate_learned.sh "$task" 10 dm dm-il dm-cl rnnprop scale dm-aug; done
 # 4. every bundled file and card gets the evaluations of its own weights; the README table is regenerated
 $PYTHON -m meta_train.export --refresh $($PYTHON -c "import learned_optim; print(' '.join(learned_optim.available_weights()))")
 $PYTHON -m meta_train.report results --readme README.md
