@@ -200,12 +200,13 @@ def build_optimizer(spec: RunSpec, params) -> torch.optim.Optimizer:
         cls = {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop, "sgd": torch.optim.SGD}[spec.optimizer]
         return cls(params, lr=spec.lr)
     import learned_optim
-    from learned_optim.weights import sha256_file
 
-    if spec.weights_sha256 is not None and sha256_file(spec.weights_path) != spec.weights_sha256:
+    # the digest, not the file's sha256: a card refreshed mid-run (export --refresh) changes only the metadata
+    if spec.weights_digest is not None and learned_optim.weights_digest(spec.weights_path) != spec.weights_digest:
         raise EvaluationError(
-            f"{spec.weights_path} changed after this evaluation resolved it (sha256 {spec.weights_sha256[:12]}...): "
-            "the seeds would mix two sets of weights. Rerun the command to evaluate the new file.")
+            f"{spec.weights_path} changed after this evaluation resolved it (weights digest "
+            f"{spec.weights_digest[:12]}...): the seeds would mix two sets of weights. Rerun the command to evaluate "
+            "the new file.")
     return getattr(learned_optim, LEARNED_CLASSES[spec.rule])(params, weights=spec.weights_path, lr=spec.lr,
                                                               state_dtype=getattr(torch, spec.state_dtype))
 

@@ -67,6 +67,16 @@ def test_weights_replaced_during_an_evaluation_are_refused(tmp_path, data):
         ev.build_optimizer(spec, model.parameters())
 
 
+def test_card_refreshed_during_an_evaluation_is_accepted(tmp_path, data):
+    torch.manual_seed(0)
+    rule = learned_optim.build_rule("dm")
+    path = learned_optim.save_weights(rule, tmp_path / "w.safetensors")
+    spec = ev.make_spec(str(path), "mlp-orig", steps=2, seeds=1)
+    learned_optim.save_weights(rule, path, evaluation={"mlp-orig": {"seeds": 1}})  # new card, same weights
+    assert learned_optim.weights_digest(path) == spec.weights_digest
+    ev.build_optimizer(spec, torch.nn.Linear(3, 2).parameters())
+
+
 def test_re_exported_weights_keep_their_evaluation(tmp_path, data, monkeypatch):
     # Bundling embeds the evaluation in the file's metadata, which changes its sha256: the seeds stay reusable.
     torch.manual_seed(0)
