@@ -7,6 +7,7 @@ DIR/training.png. Several processes: torchrun --standalone --nproc_per_node N -m
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -28,6 +29,16 @@ def _floats(text: str) -> list[float]:
     if any(not 0.0 <= v <= 1.0 for v in values):
         raise argparse.ArgumentTypeError(f"imitation ratios must lie in [0, 1], got {text!r}")
     return values
+
+
+def _bound(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--teacher-lr", type=float, default=0.01, help="learning rate of the teacher")
     ap.add_argument("--meta-lr", type=float, default=None,
                     help="meta-optimizer learning rate (default Adam 1e-3 for dm/rnnprop, RMSprop 1e-6 for scale)")
+    ap.add_argument("--random-scale", type=_bound, default=0.0, metavar="B",
+                    help="random scaling (Lv et al. 2017; the paper code's if_scale, rd_scale_bound=3): each training "
+                         "epoch draws r = exp(U(-B, B)) per optimizee coordinate, starts at theta0/r and trains on "
+                         "f(theta*r), imitation included; validation is never scaled (default 0: off)")
     ap.add_argument("--min-evals", type=int, default=3, help="N_period: validations per stage at least")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -90,7 +105,8 @@ def main(argv=None) -> None:
                  data_root=args.data_root, seed=args.seed, epochs=args.epochs, horizons=args.horizons,
                  unroll=args.unroll, eval_every=args.eval_every, eval_runs=args.eval_runs,
                  imitation_ratio=args.imitation_ratio, teacher=args.teacher, teacher_lr=args.teacher_lr,
-                 meta_lr=args.meta_lr, min_evals=args.min_evals, progress=not args.no_progress, resume=args.resume)
+                 meta_lr=args.meta_lr, min_evals=args.min_evals, random_scale=args.random_scale,
+                 progress=not args.no_progress, resume=args.resume)
     path = main_train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 reports
         print(path, file=sys.stderr)

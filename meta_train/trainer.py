@@ -31,7 +31,7 @@ from .curriculum import ADVANCE, IMPROVED, STOP, Curriculum
 from .export import export_weights
 from .imitation import SelfImproving, Teacher, imitation_unroll
 from .tasks import Task
-from .unroll import meta_unroll, rollout, start
+from .unroll import meta_unroll, rollout, start_scaled
 
 # the paper's defaults per model (reference §1-4)
 MODEL_DEFAULTS = {
@@ -72,6 +72,7 @@ class Config:
     teachers_self_improving: list[str] = field(default_factory=lambda: ["adam", "sgd", "adagrad"])
     meta_lr: float | None = None
     min_evals: int = 3
+    random_scale: float = 0.0
     progress: bool = True
     resume: bool = False
 
@@ -114,7 +115,9 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.device = torch.device(cfg.device)
         self.log_path, self.ckpt_path = self.out / "log.jsonl", self.out / "checkpoint.pt"
-        self._ckpt = (torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        # loaded on the CPU: the generators' states must stay CPU ByteTensors; the rule's and the meta-optimizers'
+        # tensors move to the device when they are loaded into it
+        self._ckpt = (torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
                       if cfg.resume and self.ckpt_path.exists() else None)
         torch.manual_seed(cfg.seed)  # the rule's fresh initialisation: identical on every rank
         # a resumed run keeps the rule config it started with (a checkpoint written before configs were
@@ -186,7 +189,8 @@ class Trainer:
     def run_epoch(self) -> dict:
         horizon, unroll = self.train_horizon, self.cfg.unroll
         imitation = self.cfg.imitation and self.coin.random() < self.imitation_ratio()
-        traj = start(self.rule, self.task, self.gen)
+        # random scaling (if enabled) holds for the whole epoch, imitation included; validation never sees it
+        traj, task = start_scaled(self.rule, self.task, self.gen, self.cfg.random_scale)
         losses, meta_losses = [], []
         if imitation:
             teacher = Teacher(self.cfg.teacher, traj.theta, lr=self.cfg.teacher_lr)
@@ -196,10 +200,10 @@ class Trainer:
             override = self.self_improving.override(self.epoch, self.coin)
         for _ in range(math.ceil(horizon / unroll)):
             if imitation:
-                loss, traj = imitation_unroll(self.rule, self.task, traj, teacher, unroll, self.gen)
+                loss, traj = imitation_unroll(self.rule, task, traj, teacher, unroll, self.gen)
                 self._meta_step(self.il_opt, loss)
             else:
-                loss, traj, values = meta_unroll(self.rule, self.task, traj, unroll, self.gen,
+                loss, traj, values = meta_unroll(self.rule, task, traj, unroll, self.gen,
                                                  objective=self.r["objective"], step_override=override)
                 losses.extend(values)
                 if not math.isfinite(float(loss.detach())):
@@ -258,7 +262,7 @@ class Trainer:
         os.replace(tmp, self.ckpt_path)
 
     def _restore(self) -> None:
-        ckpt = self._ckpt if self._ckpt is not None else torch.load(self.ckpt_path, map_location=self.device,
+        ckpt = self._ckpt if self._ckpt is not None else torch.load(self.ckpt_path, map_location="cpu",
                                                                      weights_only=False)
         self._ckpt = None
         if ckpt["world_size"] != self.world:
@@ -409,7 +413,8 @@ class Trainer:
                 "horizons": self.r["horizons"], "unroll": self.cfg.unroll, "epochs_cap": self.r["epochs"],
                 "epochs_run": self.epoch, "eval_every": self.r["eval_every"], "eval_runs": self.r["eval_runs"],
                 "imitation_ratios": self.r["imitation_ratios"], "teacher": self.cfg.teacher,
-                "teacher_lr": self.cfg.teacher_lr, "meta_optimizer": self.r["meta_optimizer"],
+                "teacher_lr": self.cfg.teacher_lr, "random_scale": self.cfg.random_scale,
+                "meta_optimizer": self.r["meta_optimizer"],
                 "meta_lr": self.r["meta_lr"], "objective": self.r["objective"],
                 "stage_reached": self.stage, "horizon_reached": self.train_horizon,
                 "best_val_loss": self.best_val, "stop_reason": self.stop_reason or (

@@ -46,6 +46,25 @@ def start(rule: Rule, task: Task, generator: torch.Generator) -> Trajectory:
     return Trajectory(theta, detach_state(state))
 
 
+def draw_scale(num_params: int, bound: float, generator: torch.Generator) -> Tensor:
+    """Random scaling factors r = exp(U(-bound, bound)), one per coordinate, drawn on the CPU from ``generator``."""
+    return torch.empty(num_params).uniform_(-bound, bound, generator=generator).exp_()
+
+
+def start_scaled(rule: Rule, task: Task, generator: torch.Generator, bound: float) -> tuple[Trajectory, Task]:
+    """A fresh trajectory on a randomly scaled copy of ``task`` (the paper code's ``if_scale``).
+
+    With factors r = exp(U(-bound, bound)) per coordinate the optimizee starts at theta_0 / r and its loss is
+    f(theta * r): the same function at the same starting point, but the rule sees the gradients r * grad f of a
+    badly scaled problem. ``bound == 0`` is the plain task and draws nothing from ``generator``.
+    """
+    traj = start(rule, task, generator)
+    if bound <= 0:
+        return traj, task
+    scale = draw_scale(task.num_params, bound, generator).to(traj.theta.device)
+    return Trajectory(traj.theta / scale, traj.state, traj.step, traj.f0), task.scaled(scale)
+
+
 def meta_unroll(rule: Rule, task: Task, traj: Trajectory, unroll: int, generator: torch.Generator, *,
                 objective: str = "sum", step_override: Callable[[int, Tensor, Tensor], Tensor | None] | None = None
                 ) -> tuple[Tensor, Trajectory, list[float]]:

@@ -21,7 +21,8 @@ from helpers import write_synthetic_cifar10, write_synthetic_mnist
 from meta_train.curriculum import ADVANCE, CONTINUE, IMPROVED, STOP, Curriculum
 from meta_train.imitation import SelfImproving, Teacher, imitation_unroll
 from meta_train.tasks import TASKS, Task, init_scheme
-from meta_train.unroll import meta_unroll, rollout, start
+from meta_train.trainer import Config, Trainer
+from meta_train.unroll import draw_scale, meta_unroll, rollout, start, start_scaled
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--horizons", "20,40", "--epochs", "6", "--eval-every", "2", "--eval-runs", "2", "--no-progress",
@@ -251,6 +252,68 @@ def test_rollout_records_every_step(mlp):
     assert len(losses) == 7 and all(math.isfinite(v) for v in losses)
 
 
+# ------------------------------------------------------------------------------ random scaling
+def test_random_scaling_shows_the_rule_r_times_the_gradient(mlp):
+    gen = torch.Generator().manual_seed(0)
+    theta = mlp.init_params(gen)
+    r = draw_scale(mlp.num_params, 3.0, torch.Generator().manual_seed(1))
+    assert math.exp(-3) <= float(r.min()) and float(r.max()) <= math.exp(3) and float(r.log().std()) > 1.5
+    scaled = mlp.scaled(r)
+    assert mlp.scale is None and scaled.x is mlp.x  # a view of the same task, the original untouched
+    batch = mlp.sample_batch(gen)
+    loss_scaled, grad_scaled = scaled.loss_and_grad(theta / r, batch)  # the scaled optimizee starts at theta0 / r
+    loss, grad = mlp.loss_and_grad(theta, batch)
+    torch.testing.assert_close(loss_scaled, loss)
+    torch.testing.assert_close(grad_scaled, r * grad)
+    with pytest.raises(ValueError, match="shape"):
+        mlp.scaled(r[:-1])
+
+
+def test_random_scale_zero_draws_nothing_and_keeps_the_task(mlp):
+    rule = learned_optim.build_rule("rnnprop")
+    gen, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    traj, task = start_scaled(rule, mlp, gen, 0.0)
+    plain = start(rule, mlp, ref)
+    assert task is mlp and torch.equal(traj.theta, plain.theta)
+    assert torch.equal(gen.get_state(), ref.get_state())  # B = 0: the random streams of a run without the option
+    traj, task = start_scaled(rule, mlp, gen, 2.0)
+    assert task.scale is not None and not torch.equal(gen.get_state(), ref.get_state())
+    torch.testing.assert_close(traj.theta * task.scale, start(rule, mlp, ref).theta)  # same function, same point
+
+
+def _tiny_trainer(tmp_path, data_root, **kwargs) -> Trainer:
+    cfg = Config(model="rnnprop", out=str(tmp_path), data_root=str(data_root), horizons=[20], unroll=10,
+                 eval_runs=2, progress=False, **kwargs)
+    return Trainer(cfg)
+
+
+def test_random_scaling_reaches_both_kinds_of_epoch_and_never_validation(tmp_path, data_root, monkeypatch):
+    import meta_train.trainer as trainer_module
+
+    seen = []
+
+    def spy(real):
+        def wrapped(rule, task, *args, **kwargs):
+            seen.append((real.__name__, task.scale))
+            return real(rule, task, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(trainer_module, "meta_unroll", spy(trainer_module.meta_unroll))
+    monkeypatch.setattr(trainer_module, "imitation_unroll", spy(trainer_module.imitation_unroll))
+    plain = _tiny_trainer(tmp_path / "plain", data_root)
+    scaled = _tiny_trainer(tmp_path / "scaled", data_root, random_scale=3.0, imitation=True,
+                           imitation_ratio=[0.5])
+    assert plain.validate(40) == scaled.validate(40)  # same initial rule: validation is never scaled
+    for _ in range(4):
+        scaled.run_epoch()
+    assert {name for name, _ in seen} == {"meta_unroll", "imitation_unroll"}
+    assert all(scale is not None and float(scale.log().abs().max()) <= 3.0 for _, scale in seen)
+    # one draw per epoch, shared by all its truncations
+    assert len({id(scale) for _, scale in seen}) == 4
+    assert scaled.task.scale is None
+    assert scaled.recipe()["random_scale"] == 3.0 and plain.recipe()["random_scale"] == 0.0
+
+
 # ------------------------------------------------------------------------------ CLI end to end
 @pytest.mark.parametrize("model", ["dm", "rnnprop", "scale"])
 def test_tiny_end_to_end_run_produces_loadable_weights(model, tmp_path, data_root):
@@ -281,19 +344,21 @@ def test_self_improving_and_aug_options_run(tmp_path, data_root):
 def test_help_explains_the_knobs(data_root):
     proc = run_cli(["--help"], data_root)
     for flag in ("--curriculum", "--imitation", "--self-improving", "--aug", "--horizons", "--eval-every",
-                 "--eval-runs", "--imitation-ratio", "--resume", "--device", "--data-root"):
+                 "--eval-runs", "--imitation-ratio", "--resume", "--device", "--data-root", "--random-scale"):
         assert flag in proc.stdout
 
 
 def test_resume_is_bit_identical(tmp_path, data_root):
+    # random scaling on: its factors come from the run's stored generator, so a resumed run draws the same ones
     base = ["--model", "rnnprop", "--curriculum", "--imitation", "--horizons", "20,40", "--eval-every", "2",
-            "--eval-runs", "2", "--no-progress", "--threads", "1", "--imitation-ratio", "0.5"]
+            "--eval-runs", "2", "--no-progress", "--threads", "1", "--imitation-ratio", "0.5", "--random-scale", "3"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_cli([*base, "--epochs", "6", "--out", str(straight)], data_root).returncode == 0
     assert run_cli([*base, "--epochs", "3", "--out", str(split)], data_root).returncode == 0
     proc = run_cli([*base, "--epochs", "6", "--resume", "--out", str(split)], data_root)
     assert proc.returncode == 0, proc.stderr
     assert (straight / "weights.safetensors").read_bytes() == (split / "weights.safetensors").read_bytes()
+    assert learned_optim.read_metadata(split / "weights.safetensors")["recipe"]["random_scale"] == 3.0
 
     def strip(path):
         return [{k: v for k, v in json.loads(l).items() if k != "elapsed"} for l in path.read_text().splitlines()]

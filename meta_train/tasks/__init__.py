@@ -9,6 +9,7 @@ batches of 128 are drawn with replacement.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -75,6 +76,17 @@ class Task:
         self.numels = [math.prod(s) for s in self.shapes]
         self.num_params = sum(self.numels)
         self.identity_init = identity_init_slices(self.module)
+        self.scale: Tensor | None = None  # random scaling: the loss is f(theta * scale) (see :meth:`scaled`)
+
+    def scaled(self, scale: Tensor) -> "Task":
+        """This task seen through per-coordinate factors ``scale`` (random scaling, Lv et al. 2017): same
+        architecture, data and batches, loss ``f(theta * scale)``, so its gradient is ``scale * grad f``.
+        A shallow copy: the data tensors are shared."""
+        if scale.shape != (self.num_params,):
+            raise ValueError(f"scale must have shape ({self.num_params},), got {tuple(scale.shape)}")
+        task = copy.copy(self)
+        task.scale = scale.to(self.device)
+        return task
 
     @property
     def init_scheme(self) -> str:
@@ -103,6 +115,8 @@ class Task:
         return Batch(self.x[idx], self.y[idx])
 
     def loss(self, flat: Tensor, batch: Batch) -> Tensor:
+        if self.scale is not None:
+            flat = flat * self.scale
         logits = functional_call(self.module, self.unflatten(flat), (batch.x,))
         return F.cross_entropy(logits, batch.y)
 
