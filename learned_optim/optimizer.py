@@ -23,6 +23,8 @@ NaN or Inf is skipped for that step, its parameter and recurrent state left unto
 from __future__ import annotations
 
 import copy
+import numbers
+import os
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -62,9 +64,10 @@ class LearnedOptimizer(Optimizer):
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
-        rule: an update-rule module (``learned_optim.rules``); or give ``weights``.
-        weights: a bundled name (``learned_optim.available_weights()``), a path to a ``.safetensors``
-            file, or ``hf://org/repo[/file][@revision]``.
+        rule: an update-rule module (``learned_optim.rules``); a string here is taken as ``weights``.
+        weights: a bundled name (``learned_optim.available_weights()``), a name you exported with
+            ``meta_train.export``, a path to a ``.safetensors`` file, or ``hf://org/repo[/file][@revision]``.
+            Without ``weights`` (and ``rule``) the rule is the untrained initialisation, with a warning.
         lr: multiplies the rule's update (default 1.0: the rule as trained).
         maximize: maximise the objective instead of minimising it.
         chunk_size: coordinates per rule evaluation (bounds the temporary memory of ``step``).
@@ -79,16 +82,33 @@ class LearnedOptimizer(Optimizer):
                  maximize: bool = False, chunk_size: int = 8192, state_dtype: torch.dtype = torch.float32,
                  nonfinite: str = "skip", revision: str | None = None, cache_dir=None,
                  local_files_only: bool | None = None, endpoint: str | None = None, token=None):
+        name = type(self).__name__
+        if isinstance(rule, (str, os.PathLike)):  # RNNprop(params, "rnnprop-cl-il"): the weights, positionally
+            if weights is not None:
+                raise TypeError(f"{name}() got weights twice: positionally ({rule!r}) and as weights={weights!r}")
+            rule, weights = None, rule
+        elif rule is not None and not isinstance(rule, Rule):
+            raise TypeError(f"{name}(): the second argument is a rule module or a weights name, got "
+                            f"{type(rule).__name__} {rule!r}; pass the others by keyword, e.g. "
+                            f"{name}(params, weights='rnnprop-cl-il', lr=0.5)")
+        if weights is not None and not isinstance(weights, (str, os.PathLike)):
+            raise TypeError(f"{name}(): weights= takes a bundled name, a .safetensors path or hf://org/repo, got "
+                            f"{type(weights).__name__}")
         if isinstance(lr, Tensor):
             raise ValueError("Invalid learning rate: lr as a Tensor is not supported, pass a float")
-        if not 0.0 <= lr or lr != lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"Invalid chunk_size: {chunk_size} (a positive int)")
+        _check_number("learning rate", lr)
+        if not 0.0 <= lr or lr != lr or lr == float("inf"):
+            raise ValueError(f"Invalid learning rate: {lr} (a finite float >= 0)")
+        if not isinstance(maximize, bool):
+            raise TypeError(f"Invalid maximize: {maximize!r} (True or False)")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"Invalid chunk_size: {chunk_size!r} (a positive int)")
         if state_dtype not in _STATE_DTYPES:
-            raise ValueError(f"Invalid state_dtype: {state_dtype} (one of {_STATE_DTYPES})")
+            raise ValueError(f"Invalid state_dtype: {state_dtype!r} (one of {_STATE_DTYPES})")
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"Invalid nonfinite policy: {nonfinite!r} (use 'skip' or 'raise')")
+        if rule is None and weights is None and self.rule_name is not None:
+            _warn_untrained(name, self.rule_name)
         if rule is None:
             if weights is not None:
                 path = resolve_weights(weights, revision=revision, cache_dir=cache_dir,
@@ -119,6 +139,7 @@ class LearnedOptimizer(Optimizer):
         self._pending_state: dict | None = None
         self.register_load_state_dict_pre_hook(_remember_loaded_state)
         self.register_load_state_dict_post_hook(_restore_loaded_state)
+        self.register_state_dict_post_hook(_add_rule_identity)
 
     # ------------------------------------------------------------------ torch plumbing
     _PICKLED = ("rule", "weights", "chunk_size", "state_dtype", "nonfinite")
@@ -141,6 +162,9 @@ class LearnedOptimizer(Optimizer):
         if not any(getattr(h, "__name__", "") == _remember_loaded_state.__name__ for h in hooks):
             self.register_load_state_dict_pre_hook(_remember_loaded_state)
             self.register_load_state_dict_post_hook(_restore_loaded_state)
+        if not any(getattr(h, "__name__", "") == _add_rule_identity.__name__
+                   for h in self._optimizer_state_dict_post_hooks.values()):
+            self.register_state_dict_post_hook(_add_rule_identity)
 
     def __repr__(self) -> str:
         head = super().__repr__()
@@ -330,10 +354,64 @@ class LearnedOptimizer(Optimizer):
                 owner[f"group_{key}"].copy_(new_state[key])
 
 
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"Invalid {name}: {value!r} is a {type(value).__name__}, expected a float")
+
+
+_WARNED_UNTRAINED: set[str] = set()
+
+
+def _warn_untrained(cls_name: str, rule_name: str) -> None:
+    """``weights=None``: say once per class that the optimizer runs an untrained rule."""
+    if cls_name in _WARNED_UNTRAINED:
+        return
+    _WARNED_UNTRAINED.add(cls_name)
+    from .weights import available_weights
+
+    names = ", ".join(repr(n) for n in available_weights(rule_name)) or "none bundled"
+    warnings.warn(f"{cls_name} was given no weights=: its {rule_name!r} rule is the untrained initialisation "
+                  f"(what meta-training starts from), not a trained optimizer. Pass weights=NAME (bundled: {names}) "
+                  "or a .safetensors file", UserWarning, stacklevel=3)
+
+
 # ---------------------------------------------------------------------- load_state_dict hooks
 def _remember_loaded_state(optimizer: LearnedOptimizer, state_dict: dict) -> None:
-    """torch casts floating state to each parameter's dtype; keep the originals to restore them."""
+    """Refuse state from another rule (before anything changes); torch casts floating state to each
+    parameter's dtype, so keep the originals to restore them."""
+    _check_loaded_rule(optimizer, state_dict)
     optimizer._pending_state = state_dict["state"]
+
+
+def _add_rule_identity(optimizer: LearnedOptimizer, state_dict: dict) -> dict:
+    """``state_dict()`` records which rule (name and config) the recurrent state belongs to."""
+    state_dict["learned_optim"] = {"rule": optimizer.rule.name, "config": optimizer.rule.config()}
+    return state_dict
+
+
+def _check_loaded_rule(optimizer: LearnedOptimizer, state_dict: dict) -> None:
+    name = type(optimizer).__name__
+    rule = optimizer.rule
+    saved = state_dict.get("learned_optim")
+    if saved is not None:
+        if saved.get("rule") != rule.name or saved.get("config") != rule.config():
+            raise ValueError(f"{name}.load_state_dict: this state belongs to a {saved.get('rule')!r} rule with config "
+                             f"{saved.get('config')}, not to this optimizer's {rule.name!r} rule with config "
+                             f"{rule.config()}; load it into an optimizer built with the same rule (nothing was "
+                             "changed)")
+    # also for state dicts written before the identity was recorded: the state's keys and widths must fit
+    expected = {key: tuple(t.shape[:-1]) for key, t in rule.init_state([(1,)]).items()
+                if rule.state_kinds().get(key) in ("coord", "tensor")}
+    for index, entry in state_dict.get("state", {}).items():
+        keys = {k for k in entry if k != "step" and not k.startswith("group_")}
+        if not keys:
+            continue
+        widths = {k: tuple(v.shape[:-1]) for k, v in entry.items() if k in expected and isinstance(v, Tensor)}
+        if keys != set(expected) or widths != expected:
+            got = {k: tuple(v.shape) for k, v in entry.items() if isinstance(v, Tensor)}
+            raise ValueError(f"{name}.load_state_dict: the state of parameter {index} ({got}) is not the recurrent "
+                             f"state of a {rule.name!r} rule (expects {sorted(expected)} with leading sizes "
+                             f"{expected}); it comes from another optimizer or rule config (nothing was changed)")
 
 
 def _restore_loaded_state(optimizer: LearnedOptimizer) -> None:
@@ -352,19 +430,49 @@ def _restore_loaded_state(optimizer: LearnedOptimizer) -> None:
 
 
 # ---------------------------------------------------------------------- the three named optimizers
+def _with_args(summary: str) -> str:
+    """A named optimizer's docstring: its summary, then the arguments of :class:`LearnedOptimizer`."""
+    doc = LearnedOptimizer.__doc__
+    return summary + "\n\n" + doc[doc.index("    Args:"):]
+
+
 class L2ODM(LearnedOptimizer):
-    """L2O-DM (Andrychowicz et al. 2016): coordinate-wise 2-layer LSTM on LogAndSign gradients."""
+    __doc__ = _with_args("""L2O-DM (Andrychowicz et al. 2016): a coordinate-wise 2-layer LSTM on LogAndSign gradients.
+
+    80 floats of recurrent state per parameter coordinate. Bundled weights: ``learned_optim.available_weights("dm")``.
+
+    Example::
+
+        opt = learned_optim.L2ODM(model.parameters(), weights="dm-cl-il")
+        for x, y in loader:
+            opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()""")
 
     rule_name = "dm"
 
 
 class RNNprop(LearnedOptimizer):
-    """RNNprop (Lv et al. 2017): coordinate-wise LSTM on bias-corrected Adam statistics."""
+    __doc__ = _with_args("""RNNprop (Lv et al. 2017): a coordinate-wise LSTM on bias-corrected Adam statistics.
+
+    82 floats of recurrent state per parameter coordinate. Bundled weights:
+    ``learned_optim.available_weights("rnnprop")``.
+
+    Example::
+
+        opt = learned_optim.RNNprop(model.parameters(), weights="rnnprop-cl-il")
+        for x, y in loader:
+            opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()""")
 
     rule_name = "rnnprop"
 
 
 class L2OScale(LearnedOptimizer):
-    """L2O-Scale (Wichrowska et al. 2017): hierarchical per-coordinate / per-tensor / global GRUs."""
+    __doc__ = _with_args("""L2O-Scale (Wichrowska et al. 2017): hierarchical per-coordinate / per-tensor / global GRUs.
+
+    21 floats of state per coordinate plus 20 per tensor and 20 per param group; its per-tensor statistics need
+    whole tensors. Bundled weights: ``learned_optim.available_weights("scale")``.
+
+    Example::
+
+        opt = learned_optim.L2OScale(model.parameters(), weights="scale")""")
 
     rule_name = "scale"
