@@ -63,11 +63,19 @@ def gru_cell(x: Tensor, h: Tensor, cell: nn.GRUCell, injected: Tensor | None = N
 
 
 class _ClampST(torch.autograd.Function):
-    """Clamp with a straight-through gradient (as the original's clipped log-lr)."""
+    """Clamp with a straight-through gradient (as the original's clipped log-lr). Written with
+    ``setup_context`` and ``generate_vmap_rule`` so that ``torch.func.vmap`` can run the rule over a
+    population of optimizees, each with its own per-tensor and global state."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, lo, hi):
+    def forward(x, lo, hi):
         return x.clamp(lo, hi)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, grad):
