@@ -56,16 +56,41 @@ def pretrained_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "pretrained"
 
 
-def registry() -> dict[str, dict[str, Any]]:
-    path = pretrained_dir() / "registry.json"
+def user_weights_dir() -> Path:
+    """Where ``meta_train.export`` puts your own weights: ``$LEARNED_OPTIM_HOME/weights``, else
+    ``~/.cache/learned_optim/weights``. Names exported there resolve like bundled ones."""
+    home = os.environ.get("LEARNED_OPTIM_HOME")
+    return (Path(home).expanduser() if home else Path("~/.cache/learned_optim").expanduser()) / "weights"
+
+
+def read_registry(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """``folder/registry.json``: {name: {"file", "sha256", "rule"}} (empty when there is none)."""
+    path = Path(folder) / "registry.json"
     if not path.is_file():
         return {}
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"{path} is not valid JSON ({exc}); repair or delete it") from exc
+
+
+def registry() -> dict[str, dict[str, Any]]:
+    """The bundled weights: {name: {"file", "sha256", "rule"}}."""
+    return read_registry(pretrained_dir())
+
+
+def _named_entries() -> dict[str, tuple[Path, dict[str, Any]]]:
+    """Every name that resolves without a path: bundled, then your exports (which win on a shared name: an
+    export over a bundled name needs ``--force``)."""
+    names = {name: (pretrained_dir(), entry) for name, entry in registry().items()}
+    user = user_weights_dir()
+    names.update({name: (user, entry) for name, entry in read_registry(user).items()})
+    return names
 
 
 def available_weights(rule: str | None = None) -> list[str]:
-    """Names of the bundled weights (optionally only those of one rule)."""
-    return sorted(name for name, entry in registry().items() if rule is None or entry["rule"] == rule)
+    """Names of the bundled weights and of those you exported (optionally only those of one rule)."""
+    return sorted(name for name, (_, entry) in _named_entries().items() if rule is None or entry["rule"] == rule)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -121,17 +146,19 @@ def resolve_weights(spec: str | os.PathLike, *, revision: str | None = None, cac
                     ) -> Path:
     """Turn a weights name, path or ``hf://`` reference into a verified local file path."""
     spec_str = os.fspath(spec)
-    reg = registry()
+    reg = _named_entries()
     if spec_str in reg:
-        entry = reg[spec_str]
-        path = pretrained_dir() / entry["file"]
+        folder, entry = reg[spec_str]
+        path = folder / entry["file"]
+        bundled = folder == pretrained_dir()
+        fix = ("reinstall learned-optim (the wheel ships the files in learned_optim/pretrained)" if bundled else
+               f"export it again with python -m meta_train.export RUN_DIR {spec_str} --force")
         if not path.is_file():
-            raise WeightsError(f"Bundled weights {spec_str!r} are registered but {path} is missing; "
-                               "reinstall learned-optim (the wheel ships the files in learned_optim/pretrained)")
+            raise WeightsError(f"Weights {spec_str!r} are registered in {folder} but {path} is missing; {fix}")
         actual = sha256_file(path)
         if actual != entry["sha256"]:
-            raise WeightsError(f"Bundled weights {spec_str!r} at {path} do not match their pinned sha256 "
-                               f"({actual} != {entry['sha256']}); the file is corrupted, reinstall learned-optim")
+            raise WeightsError(f"Weights {spec_str!r} at {path} do not match their pinned sha256 "
+                               f"({actual} != {entry['sha256']}); the file is corrupted or was replaced: {fix}")
         return path
     if spec_str.startswith("hf://"):
         repo_id, filename, rev = parse_hf_spec(spec_str)
@@ -147,7 +174,7 @@ def resolve_weights(spec: str | os.PathLike, *, revision: str | None = None, cac
 
 def _hub_download(repo_id: str, filename: str, *, revision, cache_dir, local_files_only, endpoint, token) -> Path:
     import huggingface_hub
-    from huggingface_hub import errors
+    from huggingface_hub import constants, errors
 
     kwargs = dict(repo_id=repo_id, filename=filename, revision=revision, cache_dir=cache_dir, token=token)
     if endpoint is not None:
@@ -155,11 +182,20 @@ def _hub_download(repo_id: str, filename: str, *, revision, cache_dir, local_fil
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
     where = f"{repo_id}/{filename}" + (f"@{revision}" if revision else "")
+    unreachable = None
+    if not local_files_only and not constants.HF_HUB_OFFLINE:
+        unreachable = _hub_unreachable(endpoint or constants.ENDPOINT)
+        if unreachable is not None:  # no network: use the cache at once instead of retrying for half a minute
+            kwargs["local_files_only"] = True
     # Order matters: LocalEntryNotFoundError is a subclass of EntryNotFoundError (huggingface_hub 0.x-2.x),
     # so the "not cached / offline" case must be caught before the "no such file in the repo" case.
     try:
         return Path(huggingface_hub.hf_hub_download(**kwargs))
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as exc:
+        if unreachable is not None:
+            raise WeightsError(f"Cannot download hf://{where}: the hub is unreachable ({unreachable}) and no copy is "
+                               f"in the cache ({cache_dir or 'default HF cache'}). Check the network (or HF_ENDPOINT), "
+                               "or pass a local path to the .safetensors file") from exc
         raise WeightsError(f"Cannot download hf://{where}: the hub is unreachable or offline mode is on "
                            "(HF_HUB_OFFLINE / local_files_only), and no copy is in the cache "
                            f"({cache_dir or 'default HF cache'}). Connect once to fill the cache, or pass a local "
@@ -176,6 +212,31 @@ def _hub_download(repo_id: str, filename: str, *, revision, cache_dir, local_fil
         raise WeightsError(f"The hub refused hf://{where} ({exc}); check the reference and token=") from exc
     except errors.HFValidationError as exc:  # malformed repo id / revision
         raise WeightsError(f"Invalid hub reference hf://{where}: {exc}") from exc
+
+
+HUB_PROBE_TIMEOUT = 3.0  # seconds to open a TCP connection to the hub before treating it as unreachable
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why ``endpoint`` cannot be reached (name lookup or TCP connect, within :data:`HUB_PROBE_TIMEOUT`), or None.
+
+    huggingface_hub retries a failed request with back-off for about half a minute; this probe lets a machine
+    without network fall back to the cache (or fail) within seconds. Behind a proxy it is skipped."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None
+    url = urlsplit(endpoint)
+    if not url.hostname:
+        return None
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT).close()
+    except OSError as exc:
+        return f"{url.hostname}:{port}: {exc.strerror or exc}"
+    return None
 
 
 # ----------------------------------------------------------------------------------- file I/O
@@ -291,10 +352,13 @@ _CLASS_FOR_RULE = {"dm": "L2ODM", "rnnprop": "RNNprop", "scale": "L2OScale"}
 
 
 # ----------------------------------------------------------------------------------- model cards & hub upload
-def model_card(path: str | os.PathLike, *, name: str | None = None, license: str = "mit") -> str:
-    """README-style model card (YAML front matter + prose) from a weight file's metadata."""
+def model_card(weights: str | os.PathLike, *, name: str | None = None, license: str = "mit") -> str:
+    """README-style model card (YAML front matter + prose) of a weight file: a bundled or exported name, a path
+    or an ``hf://`` reference (anything ``weights=`` takes)."""
+    path = Path(weights) if Path(os.fspath(weights)).is_file() else resolve_weights(weights)
     meta = read_metadata(path)
-    name = name or Path(path).stem
+    name = name or (os.fspath(weights) if path != Path(weights) and "/" not in os.fspath(weights)
+                    else Path(path).stem)
     cls = _CLASS_FOR_RULE[meta["rule"]]
     recipe, evaluation = meta["recipe"], meta["evaluation"]
     lines = ["---", f"license: {license}", "library_name: learned-optim", "tags:", "- learned-optimizer",
@@ -302,6 +366,7 @@ def model_card(path: str | os.PathLike, *, name: str | None = None, license: str
              f"A learned optimizer ({cls}, rule `{meta['rule']}`) for `learned_optim`, meta-trained with this "
              "project's own `meta_train`.", "", "```python", "import learned_optim",
              f"opt = learned_optim.{cls}(model.parameters(), weights={name!r})", "```", "",
+             *([f"Recipe: {recipe_summary(recipe)}.", ""] if recipe else []),
              "## Rule config", "", "```json", json.dumps(meta["config"], indent=2, sort_keys=True), "```", "",
              "## Training recipe (as run)", "", "```json", json.dumps(recipe, indent=2, sort_keys=True), "```", "",
              "## Evaluation", ""]
@@ -312,6 +377,30 @@ def model_card(path: str | os.PathLike, *, name: str | None = None, license: str
     lines += ["", f"sha256 of the weight file: `{sha256_file(path)}`",
               f"digest of its rule, config and tensors (what evaluations are keyed on): `{weights_digest(path)}`", ""]
     return "\n".join(lines)
+
+
+def recipe_summary(recipe: dict) -> str:
+    """One line on how a weight file was trained (curriculum, imitation, random scaling, length)."""
+    parts = [f"{recipe.get('model', '?')} on {recipe.get('task', '?')}"]
+    horizons = recipe.get("horizons") or []
+    if recipe.get("curriculum"):
+        reached = recipe.get("horizon_reached")
+        parts.append(f"curriculum over N = {', '.join(map(str, horizons))}"
+                     + (f" (reached N = {reached})" if reached is not None else ""))
+    elif horizons:
+        parts.append(f"N = {horizons[0]}" + (" (AUG)" if recipe.get("aug") else ""))
+    if recipe.get("imitation"):
+        ratios = "/".join(f"{r:g}" for r in recipe.get("imitation_ratios", []))
+        parts.append(f"imitation of {recipe.get('teacher', 'adam')} (lr {recipe.get('teacher_lr', 0.01):g}), r = {ratios}")
+    else:
+        parts.append("no imitation")
+    if recipe.get("self_improving"):
+        parts.append("self-improving")
+    scale = recipe.get("random_scale") or 0
+    parts.append(f"random scaling B = {scale:g}" if scale else "random scaling off")
+    if "epochs_run" in recipe:
+        parts.append(f"{recipe['epochs_run']} epochs")
+    return "; ".join(parts)
 
 
 def publish(path: str | os.PathLike, repo_id: str, *, filename: str = DEFAULT_HUB_FILENAME, card: str | None = None,

@@ -1,11 +1,15 @@
-"""rule + provenance -> .safetensors + model card; bundling a finished run into ``pretrained/``.
+"""rule + provenance -> .safetensors + model card, under a name that ``weights=`` finds.
 
-    python -m meta_train.export RUN_DIR NAME [--pretrained-dir pretrained] [--evaluation RESULT.json ...]
-    python -m meta_train.export --refresh NAME [NAME ...] [--results results]
+    python -m meta_train.export RUN_DIR NAME [--out DIR] [--force] [--evaluation RESULT.json ...]
+    python -m meta_train.export --refresh NAME [NAME ...] --pretrained-dir pretrained [--results results]
 
-The first form copies ``RUN_DIR/weights.safetensors`` to ``pretrained/NAME.safetensors`` with the run's
-wall-clock (from ``log.jsonl``) and an optional evaluation summary added to its metadata, writes
-the model card ``pretrained/NAME.md`` and pins the file's sha256 in ``pretrained/registry.json``.
+The first form copies ``RUN_DIR/weights.safetensors`` to ``DIR/NAME.safetensors`` with the run's wall-clock (from
+``log.jsonl``) and an optional evaluation summary added to its metadata, writes the model card ``DIR/NAME.md`` and
+pins the file's sha256 in ``DIR/registry.json``. ``DIR`` defaults to your own weights folder
+(``$LEARNED_OPTIM_HOME/weights``, else ``~/.cache/learned_optim/weights``), where ``learned_optim`` finds the name:
+``L2ODM(params, weights=NAME)``. A name that exists already, bundled or yours, is refused unless ``--force``
+(then your export is the one the name resolves to). ``--pretrained-dir`` writes into a checkout's bundled
+``pretrained/`` folder instead (maintainers, to ship weights in the wheel).
 ``--refresh`` re-embeds in bundled files and their cards the evaluations in ``--results`` of exactly
 those weights (same :func:`learned_optim.weights_digest`; per task the one with the most seeds); tensors
 and recipe are kept, so the digest, and every evaluation keyed on it, stays valid.
@@ -14,10 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 from pathlib import Path
 
 from learned_optim.rules import Rule
-from learned_optim.weights import load_rule, model_card, read_metadata, save_weights, sha256_file, weights_digest
+from learned_optim.weights import pretrained_dir as bundled_dir
+from learned_optim.weights import (WeightsError, load_rule, model_card, read_metadata, read_registry,
+                                   registry, save_weights, sha256_file, user_weights_dir, weights_digest)
 
 
 def export_weights(rule: Rule, path: Path, *, recipe: dict, evaluation: dict | None = None) -> Path:
@@ -39,9 +47,36 @@ def summarize_evaluations(paths: list[Path]) -> dict:
     return out
 
 
+class ExportError(ValueError):
+    """An export that would lose or shadow something, or has nothing to export; the message says what to do."""
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def check_target(name: str, folder: Path, *, force: bool) -> None:
+    """Refuse a bad name, or one that exists (in ``folder`` or bundled) unless ``force``."""
+    if not NAME_PATTERN.fullmatch(name) or name.endswith(".safetensors"):
+        raise ExportError(f"invalid weights name {name!r}: use letters, digits and . _ + - (no path, no extension)")
+    if force:
+        return
+    where = []
+    if name in registry():
+        where.append(f"bundled with learned_optim ({bundled_dir()})")
+    if name in read_registry(folder) or (folder / f"{name}.safetensors").exists():
+        where.append(f"in {folder}")
+    if where:
+        raise ExportError(f"weights {name!r} exist already {' and '.join(dict.fromkeys(where))}; choose another name, "
+                          "or pass --force to replace them (your export then wins on this name)")
+
+
 def bundle(run_dir: Path, name: str, pretrained_dir: Path, evaluation: dict | None = None,
-           notes: str | None = None) -> Path:
+           notes: str | None = None, *, force: bool = False) -> Path:
     src = Path(run_dir) / "weights.safetensors"
+    if not src.is_file():
+        raise ExportError(f"{src} does not exist: RUN_DIR must be a meta_train --out folder with a validated model "
+                          "(weights.safetensors is written at the first validation)")
+    check_target(name, Path(pretrained_dir), force=force)
     meta = read_metadata(src)
     recipe = dict(meta["recipe"])
     log = Path(run_dir) / "log.jsonl"
@@ -86,36 +121,57 @@ def refresh(name: str, pretrained_dir: Path, results: Path) -> Path:
     """Re-embed the current evaluations of bundled ``name`` (see the module doc)."""
     src = pretrained_dir / f"{name}.safetensors"
     if not src.is_file():
-        raise SystemExit(f"{src} does not exist; bundled names: "
-                         f"{sorted(p.stem for p in pretrained_dir.glob('*.safetensors'))}")
+        raise ExportError(f"{src} does not exist; names in {pretrained_dir}: "
+                          f"{sorted(p.stem for p in pretrained_dir.glob('*.safetensors'))}")
     return _write_bundled(src, name, pretrained_dir, read_metadata(src)["recipe"],
                           summarize_evaluations(evaluations_of(src, results)))
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m meta_train.export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, nargs="?", help="meta-training output folder (not with --refresh)")
-    ap.add_argument("name", nargs="?")
-    ap.add_argument("--pretrained-dir", type=Path, default=Path("pretrained"))
+    ap.add_argument("name", nargs="?", help="the name weights= will know the export by")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=None,
+                       help="folder to export to (default: your weights folder, $LEARNED_OPTIM_HOME/weights or "
+                            "~/.cache/learned_optim/weights, where weights=NAME finds it)")
+    where.add_argument("--pretrained-dir", type=Path, default=None,
+                       help="a checkout's bundled pretrained/ folder (maintainers: ships the weights in the wheel)")
+    ap.add_argument("--force", action="store_true", help="replace weights that exist under NAME (bundled or yours)")
     ap.add_argument("--refresh", nargs="+", metavar="NAME",
-                    help="re-embed the evaluations in --results of these bundled weights (same digest)")
+                    help="re-embed the evaluations in --results of these weights in --pretrained-dir or --out "
+                         "(same digest)")
     ap.add_argument("--results", type=Path, default=Path("results"), help="evaluation results folder (--refresh)")
     ap.add_argument("--evaluation", type=Path, nargs="*", default=[],
                     help="meta_train.evaluate result files whose summaries (not curves) are embedded, one per task")
     ap.add_argument("--notes", help="free text recorded in the recipe (e.g. how the recipe was shortened)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
-    if args.refresh:
-        if args.run_dir or args.name:
-            ap.error("--refresh takes bundled names only, no RUN_DIR NAME")
-        for name in args.refresh:
-            print(refresh(name, args.pretrained_dir, args.results))
-        return
-    if not (args.run_dir and args.name):
-        ap.error("RUN_DIR and NAME are required (or --refresh NAME ...)")
-    evaluation = summarize_evaluations(args.evaluation) if args.evaluation else None
-    print(bundle(args.run_dir, args.name, args.pretrained_dir, evaluation, args.notes))
+    folder = args.pretrained_dir or args.out or user_weights_dir()
+    try:
+        if args.refresh:
+            if args.run_dir or args.name:
+                ap.error("--refresh takes names only, no RUN_DIR NAME")
+            if args.pretrained_dir is None and args.out is None:
+                ap.error("--refresh needs the folder it rewrites: --pretrained-dir pretrained (bundled) or --out DIR")
+            for name in args.refresh:
+                print(refresh(name, folder, args.results))
+            return 0
+        if not (args.run_dir and args.name):
+            ap.error("RUN_DIR and NAME are required (or --refresh NAME ...)")
+        evaluation = summarize_evaluations(args.evaluation) if args.evaluation else None
+        path = bundle(args.run_dir, args.name, folder, evaluation, args.notes, force=args.force)
+    except (ExportError, WeightsError, FileNotFoundError, json.JSONDecodeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

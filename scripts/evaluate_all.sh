@@ -16,5 +16,5 @@ for task in $TASKS; do scripts/evaluate_learned.sh "$task" 10 dm-cl-il rnnprop-c
 scripts/evaluate_learned.sh mlp-orig 10 dm dm-il dm-cl rnnprop scale dm-aug
 for task in $TASKS; do scripts/evaluate_learned.sh "$task" 10 dm dm-il dm-cl rnnprop scale dm-aug; done
 # 4. every bundled file and card gets the evaluations of its own weights; the README table is regenerated
-$PYTHON -m meta_train.export --refresh $($PYTHON -c "import learned_optim; print(' '.join(learned_optim.available_weights()))")
+$PYTHON -m meta_train.export --pretrained-dir pretrained --refresh $($PYTHON -c "from learned_optim.weights import registry; print(' '.join(registry()))")
 $PYTHON -m meta_train.report results --readme README.md

@@ -1,9 +1,14 @@
-"""Shared pytest setup: make the checkout importable without installing it (PYTHONPATH not needed)."""
+"""Shared pytest setup: make the checkout importable without installing it (PYTHONPATH not needed), and keep
+the tests away from the user's own exported weights (LEARNED_OPTIM_HOME points at an empty folder)."""
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+os.environ["LEARNED_OPTIM_HOME"] = tempfile.mkdtemp(prefix="learned_optim_home_")
