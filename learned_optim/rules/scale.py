@@ -146,29 +146,65 @@ class L2OScaleRule(Rule):
     def state_kinds(self) -> dict[str, str]:
         return {"coord": "coord", "tensor": "tensor", "glob": "global", "numels": "layout"}
 
-    def init_state(self, layout, *, device=None, generator=None) -> State:
+    def init_state(self, layout, *, device=None, generator=None, select=None) -> State:
+        """The initial state of ``layout``. ``select`` (one entry per tensor: None for all of its coordinates,
+        or a 1-D index tensor into its flattened coordinates) keeps only those coordinates of the per-coordinate
+        state, with the log learning rates they have in the whole layout's draw (a shard of a tensor starts
+        where the same coordinates of the unsharded tensor start)."""
         numels = layout_numels(layout)
         n, t = sum(numels), len(numels)
         dev = device if device is not None else self.param_init.device
         lo, hi = math.log(self.min_lr) / 2, math.log(self.max_lr) / 2
         per_tensor = self.lr_offset == "tensor"
-        u = lo + (hi - lo) * torch.rand(n + (t if per_tensor else 1), generator=generator, device="cpu").to(dev)
-        offset = u[n:].repeat_interleave(torch.tensor(numels, device=dev)) if per_tensor else u[n]
-        log_lr = u[:n] + offset
+        u = lo + (hi - lo) * torch.rand(n + (t if per_tensor else 1), generator=generator, device="cpu")
+        if select is None:
+            u = u.to(dev)
+            offset = u[n:].repeat_interleave(torch.tensor(numels, device=dev)) if per_tensor else u[n]
+            log_lr = u[:n] + offset
+        else:
+            if len(select) != t:
+                raise ValueError(f"init_state: select has {len(select)} entries for a layout of {t} tensors")
+            parts, start = [], 0
+            for i, (numel, keep) in enumerate(zip(numels, select)):
+                part = u[start: start + numel] + (u[n + i] if per_tensor else u[n])
+                parts.append(part if keep is None else part[keep.to("cpu", torch.long)])
+                start += numel
+            log_lr = torch.cat(parts).to(dev) if parts else u[:0].to(dev)
+            n = log_lr.numel()
         coord = torch.cat([self.param_init.to(dev)[:, None].expand(-1, n), torch.zeros(8, n, device=dev),
                            log_lr[None], torch.zeros(2, n, device=dev)], dim=0)
         return {"coord": coord, "tensor": self.tensor_init.to(dev)[:, None].expand(-1, t).clone(),
                 "glob": self.global_init.to(dev)[:, None].clone(),
                 "numels": torch.tensor(numels, dtype=torch.long, device=dev)}
 
-    def forward(self, grad: Tensor, state: State, step):
-        coord, numels = state["coord"], state["numels"]
-        seg = torch.repeat_interleave(torch.arange(len(numels), device=grad.device), numels)
-        sizes = numels.tolist()
+    # ------------------------------------------------------------------ the step, in stages
+    # ``forward`` is the composition of the stages below on a whole layout. The optimizer runs the same
+    # stages over a param group in bounded chunks: the per-coordinate stage chunk by chunk (accumulating
+    # the per-tensor sums), then the tensor stage on the sums (all-reduced first when the parameters
+    # are sharded), then each tensor's unnormalised update divided by its RMS normaliser.
 
-        def seg_mean(x: Tensor) -> Tensor:  # (F, N) -> (F, T); split+mean is much faster than index_add
-            return torch.stack([part.mean(1) for part in x.split(sizes, dim=1)], dim=1)
+    #: rows of the per-tensor sums returned by ``coord_stage``: [h_new (10); features (12); direction^2 (1)]
+    SUM_ROWS = 10 + NUM_FEATURES + 1
 
+    def pre_sums(self, coord: Tensor) -> Tensor:
+        """(1,): the sums over coordinates needed before the per-coordinate stage (that of the log learning
+        rates, whose mean over the layout is a feature)."""
+        return coord[_LOGLR].sum(dtype=torch.float32)[None]
+
+    def prepare(self, tensor_h: Tensor, glob_h: Tensor, pre_means: Tensor) -> dict[str, Tensor]:
+        """What every coordinate needs from its tensor and the whole layout: the bias injected into the
+        per-coordinate GRU from the tensor and global GRUs (3*param_hidden, T), and the mean log-lr."""
+        per_tensor = torch.addmm(self.tensor_to_param.bias[:, None], self.tensor_to_param.weight, tensor_h)
+        return {"injected": per_tensor + self.global_to_param.weight @ glob_h, "log_lr_mean": pre_means[0]}
+
+    def coord_stage(self, grad: Tensor, coord: Tensor, context: dict[str, Tensor], step, columns: Tensor | None,
+                    sizes: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """The per-coordinate maths on a batch of coordinates made of segments of ``sizes`` coordinates, the
+        segment ``i`` belonging to tensor ``columns[i]`` of the layout (None: the segments are the tensors).
+
+        Returns the unnormalised update (n,) (the direction before the per-tensor RMS normalisation, times
+        the step size), the new per-coordinate state (21, n) and the segments' sums (SUM_ROWS, len(sizes)).
+        """
         h, a_prev, ms_prev = coord[_H], coord[_A], coord[_MS]
         log_lr, scl, inp = coord[_LOGLR], coord[_SCL], coord[_INP]
         # momenta at 4 timescales, each twice the previous one
@@ -181,24 +217,49 @@ class L2OScaleRule(Rule):
         s = torch.asinh(a / torch.sqrt(ms + 1e-16))
         log_ms = torch.log(ms + 1e-16)
         feats = torch.cat([s, s[:-1] * s[1:], log_ms - log_ms.mean(0, keepdim=True),
-                           (log_lr - log_lr.mean())[None]], dim=0)
-        tensor_h, glob_h = state["tensor"], state["glob"]
-        per_tensor = torch.addmm(self.tensor_to_param.bias[:, None], self.tensor_to_param.weight, tensor_h)
-        injected = (per_tensor + self.global_to_param.weight @ glob_h).index_select(1, seg)
+                           (log_lr - context["log_lr_mean"])[None]], dim=0)
+        injected = context["injected"]
+        if columns is not None:
+            injected = injected.index_select(1, columns)
+        if len(sizes) > 1:
+            injected = injected.repeat_interleave(torch.tensor(sizes, device=grad.device), dim=1,
+                                                  output_size=grad.numel())
         h_new = gru_cell(feats, h, self.param_cell, injected)
-        tensor_in = seg_mean(torch.cat([h_new, feats], dim=0))
-        tensor_new = gru_cell(tensor_in, tensor_h, self.tensor_cell,
-                              torch.addmm(self.global_to_tensor.bias[:, None], self.global_to_tensor.weight, glob_h))
-        glob_new = gru_cell(tensor_new.mean(1, keepdim=True), glob_h, self.global_cell)
-        # outputs
         direction = (self.direction.weight @ h_new + self.shortcut.weight @ s).squeeze(0)
-        direction = direction / torch.sqrt(seg_mean(direction[None] ** 2)[0] + 1e-16).index_select(0, seg)
         step_log_lr = _ClampST.apply(log_lr + (self.log_lr.weight @ h_new).squeeze(0) + self.log_lr.bias,
                                      -33.0, 33.0)
         lrm = torch.sigmoid(self.lr_momentum_logit)
         new_log_lr = lrm * log_lr + (1 - lrm) * step_log_lr
-        update = -torch.exp(step_log_lr + self.stepsize_offset) * direction
+        raw_update = -torch.exp(step_log_lr + self.stepsize_offset) * direction
         scl_new = torch.sigmoid(torch.addmm(self.scl_decay.bias[:, None], self.scl_decay.weight, h_new))
         inp_new = torch.sigmoid(torch.addmm(self.inp_decay.bias[:, None], self.inp_decay.weight, h_new))
         new_coord = torch.cat([h_new, a, ms, new_log_lr[None], scl_new, inp_new], dim=0)
+
+        def seg_sum(x: Tensor) -> Tensor:  # (F, n) -> (F, S); split+sum is much faster than index_add
+            if len(sizes) == 1:
+                return x.sum(1, keepdim=True)
+            return torch.stack([part.sum(1) for part in x.split(sizes, dim=1)], dim=1)
+
+        sums = torch.cat([seg_sum(h_new), seg_sum(feats), seg_sum(direction[None] ** 2)], dim=0)
+        return raw_update, new_coord, sums
+
+    def tensor_stage(self, sums: Tensor, numels: Tensor, tensor_h: Tensor, glob_h: Tensor
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+        """The per-tensor and global GRUs on the per-tensor sums (SUM_ROWS, T) over each tensor's ``numels``
+        coordinates: returns the RMS normaliser of each tensor's direction (T,), the new tensor state (20, T)
+        and the new global state (20, 1). A tensor's update is its unnormalised update / its normaliser."""
+        means = sums / numels.to(sums.dtype)
+        ph = self.param_hidden
+        tensor_new = gru_cell(means[: ph + NUM_FEATURES], tensor_h, self.tensor_cell,
+                              torch.addmm(self.global_to_tensor.bias[:, None], self.global_to_tensor.weight, glob_h))
+        glob_new = gru_cell(tensor_new.mean(1, keepdim=True), glob_h, self.global_cell)
+        return torch.sqrt(means[ph + NUM_FEATURES] + 1e-16), tensor_new, glob_new
+
+    def forward(self, grad: Tensor, state: State, step):
+        coord, numels = state["coord"], state["numels"]
+        tensor_h, glob_h = state["tensor"], state["glob"]
+        context = self.prepare(tensor_h, glob_h, self.pre_sums(coord) / coord.shape[1])
+        raw_update, new_coord, sums = self.coord_stage(grad, coord, context, step, None, numels.tolist())
+        norm, tensor_new, glob_new = self.tensor_stage(sums, numels, tensor_h, glob_h)
+        update = raw_update / norm.repeat_interleave(numels, output_size=grad.numel())
         return update, {"coord": new_coord, "tensor": tensor_new, "glob": glob_new, "numels": numels}
