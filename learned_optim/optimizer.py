@@ -12,8 +12,15 @@ load hooks that restore the saved tensors exactly (bit-for-bit resume for bf16/f
 Coordinate-wise rules (L2O-DM, RNNprop) are evaluated over the coordinates of a param group in
 chunks of at most ``chunk_size`` coordinates: small tensors are packed together into one chunk
 (one rule call for many tensors), large ones are cut into slices, so the temporary memory of
-``step()`` is bounded by the chunk size, not the model size. L2O-Scale's per-tensor and global
-RNNs need whole-tensor reductions, so it runs on a whole param group at once.
+``step()`` is bounded by the chunk size, not the model size. L2O-Scale runs in the same chunks, in
+two passes: its per-coordinate stage chunk by chunk (new state written in place, the update before
+its per-tensor RMS normalisation kept in one float per coordinate, per-tensor sums accumulated),
+then its per-tensor and global RNNs on the sums, then each tensor's normalised update.
+
+Distributed: under DDP every rank steps identically (same gradients after the all-reduce). FSDP2
+parameters (DTensors) are stepped on each rank's local shard, with the state of its own coordinates;
+L2O-Scale's per-tensor sums are all-reduced across the shards (``learned_optim.distributed``).
+
 
 Non-finite gradients (policy ``nonfinite="skip"``, the default): a tensor whose gradient holds
 NaN or Inf is skipped for that step, its parameter and recurrent state left untouched, and a
@@ -32,6 +39,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import distributed as _dist
 from .rules import Rule
 from .weights import load_rule, resolve_weights
 
@@ -39,6 +47,8 @@ _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _real_view(t: Tensor) -> Tensor:
+    """The real coordinates the rule sees: the local shard of a DTensor, complex numbers as pairs."""
+    t = _dist.local(t)
     return torch.view_as_real(t) if t.is_complex() else t
 
 
@@ -140,6 +150,7 @@ class LearnedOptimizer(Optimizer):
         self.register_load_state_dict_pre_hook(_remember_loaded_state)
         self.register_load_state_dict_post_hook(_restore_loaded_state)
         self.register_state_dict_post_hook(_add_rule_identity)
+        self.register_state_dict_post_hook(_shard_state_dict)
 
     # ------------------------------------------------------------------ torch plumbing
     _PICKLED = ("rule", "weights", "chunk_size", "state_dtype", "nonfinite")
@@ -165,6 +176,9 @@ class LearnedOptimizer(Optimizer):
         if not any(getattr(h, "__name__", "") == _add_rule_identity.__name__
                    for h in self._optimizer_state_dict_post_hooks.values()):
             self.register_state_dict_post_hook(_add_rule_identity)
+        if not any(getattr(h, "__name__", "") == _shard_state_dict.__name__
+                   for h in self._optimizer_state_dict_post_hooks.values()):
+            self.register_state_dict_post_hook(_shard_state_dict)
 
     def __repr__(self) -> str:
         head = super().__repr__()
@@ -214,7 +228,8 @@ class LearnedOptimizer(Optimizer):
         # rules with a random initial state (L2O-Scale's log learning rates) draw it from a generator
         # seeded by the parameter's position: deterministic, independent of the global RNG
         index = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is fresh[0])
-        init = rule.init_state(layout, device=fresh[0].device, generator=torch.Generator().manual_seed(index))
+        init = _dist.init_state(rule, fresh, layout, device=fresh[0].device,  # FSDP2: this rank's coordinates
+                                generator=torch.Generator().manual_seed(index))
         kinds = rule.state_kinds()
         offsets = {"coord": 0, "tensor": 0}
         for p, shape in zip(fresh, layout):
@@ -304,7 +319,8 @@ class LearnedOptimizer(Optimizer):
     def _drop_nonfinite(self, params: list[Tensor]) -> list[Tensor]:
         """Apply the NaN/Inf policy: one reduction per tensor, one host sync per group."""
         norms = torch._foreach_norm([_real_view(p.grad) for p in params], float("inf"))
-        finite = torch.isfinite(torch.stack([n.to(params[0].device) for n in norms])).tolist()
+        finite = torch.isfinite(torch.stack([n.to(params[0].device) for n in norms]))
+        finite = _dist.all_across_shards(finite, params).tolist()  # FSDP2: all shards skip a tensor or none
         if all(finite):
             return params
         bad = finite.count(False)
@@ -316,42 +332,75 @@ class LearnedOptimizer(Optimizer):
         return [p for p, ok in zip(params, finite) if ok]
 
     def _step_whole_group(self, group: dict, params: list[Tensor]) -> None:
+        """A rule with per-tensor and global RNNs (L2O-Scale), through its stages: a pre-pass sum, then its
+        per-coordinate stage over chunks of at most ``chunk_size`` coordinates (state updated in place, the
+        unnormalised update kept, per-tensor sums accumulated), its tensor stage on the sums, and each
+        tensor's update divided by its normaliser. For DTensors the sums are all-reduced across shards."""
         lr, sign = group["lr"], (-1.0 if group["maximize"] else 1.0)
         rule = self._rule_on(params[0].device)
-        kinds = rule.state_kinds()
+        key = {kind: k for k, kind in rule.state_kinds().items()}
+        ck, tk, gk = key["coord"], key["tensor"], f"group_{key['global']}"
         owner = self.state[group["params"][0]]
-        flats = {p: self._flat_pair(p) for p in params}
-        g = torch.cat([flats[p][0] for p in params]).to(torch.float32)
-        if sign < 0:
-            g = -g
-        state: dict[str, Tensor] = {}
-        for key, kind in kinds.items():
-            if kind in ("coord", "tensor"):
-                state[key] = torch.cat([self.state[p][key] for p in params], dim=-1).to(torch.float32)
-            elif kind == "global":
-                state[key] = owner[f"group_{key}"].to(torch.float32)
-            elif kind == "layout":
-                state[key] = torch.tensor([_real_view(p).numel() for p in params], device=g.device)
+        device = params[0].device
         for p in params:
             self.state[p]["step"] += 1
         step = self.state[params[0]]["step"]
-        update, new_state = rule(g, state, step)
-        offset = 0
+        numels = torch.tensor([p.numel() * (2 if p.is_complex() else 1) for p in params], device=device)  # whole
+        pre = torch.stack([rule.pre_sums(self.state[p][ck]) for p in params], dim=1)
+        pre = _dist.all_reduce_columns(pre, params).sum(1)
+        tensor_h = torch.cat([self.state[p][tk] for p in params], dim=-1).to(torch.float32)
+        glob_h = owner[gk].to(torch.float32)
+        context = rule.prepare(tensor_h, glob_h, pre / numels.sum())
+        flats = {p: self._flat_pair(p) for p in params}
+        chunks = list(self._plan_chunks([_real_view(p).numel() for p in params]))
+        sums = torch.zeros(rule.SUM_ROWS, len(params), device=device)
+        raws = []  # the unnormalised update, one float per coordinate, chunk by chunk
+        for chunk in chunks:
+            grads = [flats[params[i]][0][s: s + n] for i, s, n in chunk]
+            g = (grads[0] if len(grads) == 1 else torch.cat(grads)).to(torch.float32)
+            if sign < 0:
+                g = -g
+            parts = [self.state[params[i]][ck][:, s: s + n] for i, s, n in chunk]
+            coord = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).to(torch.float32)
+            columns = torch.tensor([i for i, _, _ in chunk], device=device)
+            raw, new_coord, part_sums = rule.coord_stage(g, coord, context, step, columns, [n for _, _, n in chunk])
+            sums.index_add_(1, columns, part_sums)
+            offset = 0
+            for i, s, n in chunk:
+                self.state[params[i]][ck][:, s: s + n].copy_(new_coord[:, offset: offset + n])
+                offset += n
+            raws.append(raw)
+        sums = _dist.all_reduce_columns(sums, params)
+        norm, tensor_new, glob_new = rule.tensor_stage(sums, numels, tensor_h, glob_h)
+        for chunk, raw in zip(chunks, raws):
+            offset = 0
+            for i, s, n in chunk:
+                flat_p = flats[params[i]][1]
+                update = raw[offset: offset + n].div_(norm[i])
+                flat_p[s: s + n].add_(update.to(flat_p.dtype), alpha=lr)
+                offset += n
         for i, p in enumerate(params):
-            n = _real_view(p).numel()
-            for key, kind in kinds.items():
-                if kind == "coord":
-                    self.state[p][key].copy_(new_state[key][..., offset: offset + n])
-                elif kind == "tensor":
-                    self.state[p][key].copy_(new_state[key][..., i: i + 1])
-            _, flat_p, buffer = flats[p]
-            flat_p.add_(update[offset: offset + n].to(flat_p.dtype), alpha=lr)
+            self.state[p][tk].copy_(tensor_new[:, i: i + 1])
+            buffer = flats[p][2]
             if buffer is not None:
                 _real_view(p).add_(buffer.view(_real_view(p).shape))
-            offset += n
-        for key, kind in kinds.items():
-            if kind == "global":
-                owner[f"group_{key}"].copy_(new_state[key])
+        owner[gk].copy_(glob_new)
+
+    def _plan_chunks(self, sizes: list[int]):
+        """Pieces (tensor index, start, length) packed into chunks of at most ``chunk_size`` coordinates."""
+        chunk, room = [], self.chunk_size
+        for i, n in enumerate(sizes):
+            start = 0
+            while start < n:
+                take = min(room, n - start)
+                chunk.append((i, start, take))
+                start += take
+                room -= take
+                if room == 0:
+                    yield chunk
+                    chunk, room = [], self.chunk_size
+        if chunk:
+            yield chunk
 
 
 def _check_number(name: str, value: Any) -> None:
@@ -406,7 +455,8 @@ def _check_loaded_rule(optimizer: LearnedOptimizer, state_dict: dict) -> None:
         keys = {k for k in entry if k != "step" and not k.startswith("group_")}
         if not keys:
             continue
-        widths = {k: tuple(v.shape[:-1]) for k, v in entry.items() if k in expected and isinstance(v, Tensor)}
+        widths = {k: tuple(v.shape[:1] if _dist.is_dtensor(v) else v.shape[:-1])  # DTensor: (features, *shape)
+                  for k, v in entry.items() if k in expected and isinstance(v, Tensor)}
         if keys != set(expected) or widths != expected:
             got = {k: tuple(v.shape) for k, v in entry.items() if isinstance(v, Tensor)}
             raise ValueError(f"{name}.load_state_dict: the state of parameter {index} ({got}) is not the recurrent "
@@ -419,6 +469,7 @@ def _restore_loaded_state(optimizer: LearnedOptimizer) -> None:
     if saved is None:
         return
     params = [p for group in optimizer.param_groups for p in group["params"]]  # ids are positional, as in torch
+    kinds = optimizer.rule.state_kinds()
     for index, p in enumerate(params):
         for key, value in saved.get(index, {}).items():
             if not isinstance(value, Tensor):
@@ -426,7 +477,25 @@ def _restore_loaded_state(optimizer: LearnedOptimizer) -> None:
             if key == "step":  # a private copy: the caller's dict must not advance with us
                 optimizer.state[p][key] = value.detach().to(torch.float32, copy=True)
             else:
+                if _dist.is_dtensor(value) or (kinds.get(key) == "coord" and _dist.is_dtensor(p)):
+                    value = _dist.local_state(value, p)  # FSDP2: this rank's coordinates
                 optimizer.state[p][key] = value.detach().to(device=p.device, dtype=optimizer.state_dtype, copy=True)
+
+
+def _shard_state_dict(optimizer: LearnedOptimizer, state_dict: dict) -> dict:
+    """FSDP2: the per-coordinate state of a DTensor parameter appears in ``state_dict()`` as a DTensor of
+    shape (features, *param.shape) sharded like the parameter (a view of this rank's state), so that
+    ``torch.distributed.checkpoint`` saves and loads it sharded."""
+    if _dist.dtensor_class() is None:
+        return state_dict
+    kinds = optimizer.rule.state_kinds()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, p in enumerate(params):
+        entry = state_dict["state"].get(index)
+        if entry is not None and _dist.is_dtensor(p):  # a new dict: the packed entries are the live state dicts
+            state_dict["state"][index] = {k: _dist.sharded_state(v, p) if kinds.get(k) == "coord" else v
+                                          for k, v in entry.items()}
+    return state_dict
 
 
 # ---------------------------------------------------------------------- the three named optimizers

@@ -11,7 +11,10 @@ import math
 import os
 import sys
 
-from .trainer import MODEL_DEFAULTS, Config, main_train
+from learned_optim import WeightsError
+
+from .cli import ArgumentParser, fail
+from .trainer import MODEL_DEFAULTS, Config, RunError, main_train
 
 
 def _ints(text: str) -> list[int]:
@@ -44,7 +47,7 @@ def _bound(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     from .tasks import TASKS
 
-    ap = argparse.ArgumentParser(prog="python -m meta_train", description=__doc__,
+    ap = ArgumentParser(prog="python -m meta_train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, choices=sorted(MODEL_DEFAULTS), help="which update rule to train")
     ap.add_argument("--curriculum", action="store_true",
@@ -60,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Section 3.1 AUG: longer trajectories (N_train=500) and 5000 epochs of fresh optimizees")
     ap.add_argument("--task", default="mlp-orig", choices=sorted(TASKS), help="the training optimizee")
     ap.add_argument("--out", required=True, help="output directory (weights, log, checkpoint, plot)")
-    ap.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt if it exists")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its checkpoint.pt (a new run if --out holds none)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start over in an --out that holds a run (deletes its checkpoint, log and weights); without "
+                         "it, or --resume, such an --out is refused")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--data-root", default=None,
                     help="torchvision dataset root (default $LEARNED_OPTIM_DATA, else ~/.cache/learned_optim/data)")
@@ -84,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="random scaling (Lv et al. 2017; the paper code's if_scale, rd_scale_bound=3): each training "
                          "epoch draws r = exp(U(-B, B)) per optimizee coordinate, starts at theta0/r and trains on "
                          "f(theta*r), imitation included; validation is never scaled (default 0: off)")
+    ap.add_argument("--population", type=int, default=1, metavar="K",
+                    help="optimizees per meta-step, advanced together in one vectorized unroll (torch.func.vmap), "
+                         "each with its own initialisation, batches and random scaling; the meta-loss is their "
+                         "mean. Split evenly across torchrun processes; validation then runs its --eval-runs "
+                         "optimizees as one population too (default 1: one optimizee per process)")
     ap.add_argument("--min-evals", type=int, default=3, help="N_period: validations per stage at least")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -91,11 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    for name in ("epochs", "unroll", "eval_every", "eval_runs", "min_evals"):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    for name in ("epochs", "unroll", "eval_every", "eval_runs", "min_evals", "population"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.population > 1 and args.population % world:
+        ap.error(f"--population {args.population} must be a multiple of the number of processes ({world})")
+    if args.meta_lr is not None and not (args.meta_lr > 0 and math.isfinite(args.meta_lr)):
+        ap.error(f"--meta-lr must be a positive number, got {args.meta_lr}")
+    if not (args.teacher_lr > 0 and math.isfinite(args.teacher_lr)):
+        ap.error(f"--teacher-lr must be a positive number, got {args.teacher_lr}")
+    if args.horizons is not None and (not args.horizons or min(args.horizons) < 1):
+        ap.error(f"--horizons must be positive integers, got {args.horizons}")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     if args.threads:
         import torch
 
@@ -106,8 +133,12 @@ def main(argv=None) -> None:
                  unroll=args.unroll, eval_every=args.eval_every, eval_runs=args.eval_runs,
                  imitation_ratio=args.imitation_ratio, teacher=args.teacher, teacher_lr=args.teacher_lr,
                  meta_lr=args.meta_lr, min_evals=args.min_evals, random_scale=args.random_scale,
-                 progress=not args.no_progress, resume=args.resume)
-    path = main_train(cfg)
+                 population=args.population,
+                 progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
+    try:
+        path = main_train(cfg)
+    except (RunError, WeightsError, FileNotFoundError) as exc:
+        fail(f"python -m meta_train: error: {exc}")
     if int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 reports
         print(path, file=sys.stderr)
 

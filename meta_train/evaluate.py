@@ -2,7 +2,7 @@
                                 --steps 10000 --seeds 10 --out DIR [--data-root PATH] [--workers N] [--threads 1]
                                 [--device cpu] [--label LABEL]
 
-The paper's evaluation protocol (DESIGN.md §6, reference §4d), run the way users run the optimizers:
+The paper's evaluation protocol (Chen et al. 2020, Section 5; docs/reproduction.md), run the way users run them:
 for every seed a real ``nn.Module`` of the task is built, a fresh N(0, 0.01) initialisation is copied
 into it, and ``torch.optim``-style ``zero_grad() / loss.backward() / step()`` runs for ``--steps``
 steps on batches of 128 drawn with replacement from the *test* split (as the paper's code does).
@@ -58,6 +58,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .cli import ArgumentParser
 
 TAIL = 100  # steps averaged for the final loss
 DEFAULT_LR_GRID = tuple(float(f"{10 ** (k / 2 - 4):.6g}") for k in range(9))  # 1e-4, 3.16e-4, ..., 1
@@ -194,8 +196,8 @@ def build_model(task, flat: torch.Tensor) -> torch.nn.Module:
     return model
 
 
-def build_optimizer(spec: RunSpec, params) -> torch.optim.Optimizer:
-    """The optimizer exactly as a user builds it."""
+def build_optimizer(spec: RunSpec, params, **options) -> torch.optim.Optimizer:
+    """The optimizer exactly as a user builds it (``options``: more keyword arguments of a learned optimizer)."""
     if spec.rule is None:
         cls = {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop, "sgd": torch.optim.SGD}[spec.optimizer]
         return cls(params, lr=spec.lr)
@@ -208,7 +210,7 @@ def build_optimizer(spec: RunSpec, params) -> torch.optim.Optimizer:
             f"{spec.weights_digest[:12]}...): the seeds would mix two sets of weights. Rerun the command to evaluate "
             "the new file.")
     return getattr(learned_optim, LEARNED_CLASSES[spec.rule])(params, weights=spec.weights_path, lr=spec.lr,
-                                                              state_dtype=getattr(torch, spec.state_dtype))
+                                                              state_dtype=getattr(torch, spec.state_dtype), **options)
 
 
 def round6(value: float) -> float | None:
@@ -246,6 +248,121 @@ def run_seed(spec: RunSpec, seed: int, data: tuple[torch.Tensor, torch.Tensor] |
     start = time.perf_counter()
     _, losses = train_seed(spec, seed, data)
     return {"seed": seed, "losses": losses, "seconds": time.perf_counter() - start}
+
+
+# ----------------------------------------------------------------------------------- seeds as one population
+BATCH_CHUNK = 100  # steps whose batch indices are drawn and moved to the device at once
+
+
+def _population_losses(task, module):
+    """``(params, x, y) -> losses (K,)``: the task's module on every member at once (``torch.func.vmap`` over
+    ``functional_call``; batch norm keeps per-member statistics)."""
+    from torch.func import functional_call, vmap
+
+    def member_loss(params, x, y):
+        return F.cross_entropy(functional_call(module, params, (x,)), y)
+
+    return vmap(member_loss)
+
+
+def train_seeds(spec: RunSpec, seeds: Sequence[int], data: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[list[list[float | None]], list[int]]:
+    """Train the optimizees of ``seeds`` as one population, through the same optimizer classes as
+    :func:`train_seed`: the loss of every step of every seed, and the seeds that must be rerun on their own.
+
+    Seed k draws its initialisation and batches from its own ``torch.Generator`` exactly as :func:`train_seed`
+    does. The parameters are stacked, one (K, *shape) leaf per tensor of the module, and the module runs on all
+    members at once through ``vmap(functional_call)``; each member's gradient is its own. Element-wise and
+    coordinate-wise optimizers (Adam, RMSprop, SGD, L2O-DM, RNNprop) then step the stacked tensors: one
+    optimizer, the same per-coordinate maths as for one seed. L2O-Scale keeps per-tensor and global statistics,
+    so every seed gets its own ``L2OScale`` over views of its rows of the stacked tensors (its state then starts
+    exactly as it does for one seed). A seed stops counting at its first NaN/Inf loss (its gradient is zeroed
+    from then on, so it cannot disturb the others). A coordinate-wise learned optimizer would skip a whole
+    stacked tensor whose gradient holds a NaN/Inf, where one seed skips only its own tensor: a seed whose
+    gradient turns NaN/Inf at a finite loss is therefore listed for a rerun on its own (rare).
+    """
+    from .tasks import Task
+
+    torch.manual_seed(seeds[0])
+    task = Task(spec.task, train=False, device=spec.device, data=data if data is not None else load_task_data(spec))
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    flats = [task.init_params(g) for g in generators]
+    k, device = len(seeds), task.device
+    module = copy.deepcopy(task.module).train()
+    stacked = {name: torch.stack([task.unflatten(flat)[name] for flat in flats]).requires_grad_(True)
+               for name in task.names}
+    leaves = list(stacked.values())
+    per_seed = spec.rule is not None and not _rule_is_coordinatewise(spec.rule)
+    if per_seed:
+        views = [[leaf.detach()[i] for leaf in leaves] for i in range(k)]
+        optimizers = [build_optimizer(spec, member) for member in views]
+    else:
+        chunk = {"chunk_size": 8192 * k} if spec.rule is not None and device.type == "cuda" else {}
+        optimizers = [build_optimizer(spec, leaves, **chunk)]
+        views = None
+    check_grads = spec.rule is not None and not per_seed
+    losses_of = _population_losses(task, module)
+    alive = torch.ones(k, dtype=torch.bool, device=device)
+    rerun = torch.zeros(k, dtype=torch.bool, device=device)
+    recorded: list[torch.Tensor] = []
+    for t in range(spec.steps):
+        if t % BATCH_CHUNK == 0:
+            if t and not bool(alive.any()):
+                break  # every seed has stopped
+            steps = min(BATCH_CHUNK, spec.steps - t)
+            idx = torch.stack([torch.stack([torch.randint(len(task.y), (task.batch_size,), generator=g)
+                                            for g in generators]) for _ in range(steps)]).to(device)
+        x, y = task.x[idx[t % BATCH_CHUNK]], task.y[idx[t % BATCH_CHUNK]]
+        for leaf in leaves:
+            leaf.grad = None
+        losses = losses_of(stacked, x, y)
+        recorded.append(losses.detach())
+        alive &= torch.isfinite(losses.detach())
+        losses.sum().backward()
+        if check_grads:
+            finite = torch.stack([torch.isfinite(leaf.grad).flatten(1).all(1) for leaf in leaves]).all(0)
+            rerun |= alive & ~finite
+            alive &= finite
+        for leaf in leaves:
+            leaf.grad = torch.where(alive.view(-1, *[1] * (leaf.dim() - 1)), leaf.grad, 0.0)
+        if per_seed:
+            for i, (opt, member) in enumerate(zip(optimizers, views)):
+                for view, leaf in zip(member, leaves):
+                    view.grad = leaf.grad[i]
+                opt.step()
+        else:
+            optimizers[0].step()
+    curves = []
+    for column in torch.stack(recorded).T.tolist():
+        curve = []
+        for v in column:
+            curve.append(round6(v))
+            if curve[-1] is None:
+                break
+        curves.append(curve)
+    return curves, [seed for seed, flag in zip(seeds, rerun.tolist()) if flag]
+
+
+def _rule_is_coordinatewise(name: str) -> bool:
+    from learned_optim.rules import RULES
+
+    return RULES[name].coordinatewise
+
+
+def run_seeds(spec: RunSpec, seeds: Sequence[int],
+              data: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict[str, Any]]:
+    """:func:`run_seed` for several seeds at once (:func:`train_seeds`); the records in the order of ``seeds``.
+    Each seed's ``seconds`` is its share of the population's time."""
+    if len(seeds) == 1:
+        return [run_seed(spec, seeds[0], data)]
+    start = time.perf_counter()
+    curves, rerun = train_seeds(spec, seeds, data)
+    share = (time.perf_counter() - start) / len(seeds)
+    records = [{"seed": seed, "losses": curve, "seconds": share} for seed, curve in zip(seeds, curves)]
+    for i, seed in enumerate(seeds):
+        if seed in rerun:
+            records[i] = run_seed(spec, seed, data)
+    return records
 
 
 # ----------------------------------------------------------------------------------- summaries
@@ -592,7 +709,7 @@ def plot_task(out: str | os.PathLike, task: str) -> Path | None:
 def build_parser() -> argparse.ArgumentParser:
     from .tasks import TASKS
 
-    ap = argparse.ArgumentParser(prog="python -m meta_train.evaluate", description=__doc__,
+    ap = ArgumentParser(prog="python -m meta_train.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--optimizer", required=True,
                     help="a bundled weights name, a .safetensors path, hf://org/repo[/file][@rev], or adam/rmsprop/sgd")

@@ -27,6 +27,8 @@ from learned_optim.weights import pretrained_dir as bundled_dir
 from learned_optim.weights import (WeightsError, load_rule, model_card, read_metadata, read_registry,
                                    registry, save_weights, sha256_file, user_weights_dir, weights_digest)
 
+from .cli import ArgumentParser
+
 
 def export_weights(rule: Rule, path: Path, *, recipe: dict, evaluation: dict | None = None) -> Path:
     return save_weights(rule, path, recipe=recipe, evaluation=evaluation)
@@ -128,7 +130,7 @@ def refresh(name: str, pretrained_dir: Path, results: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m meta_train.export", description=__doc__,
+    ap = ArgumentParser(prog="python -m meta_train.export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, nargs="?", help="meta-training output folder (not with --refresh)")
     ap.add_argument("name", nargs="?", help="the name weights= will know the export by")

@@ -22,6 +22,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .cli import ArgumentParser
+
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 BASELINE_ORDER = ("adam", "rmsprop", "sgd")
 
@@ -309,7 +311,7 @@ def replace_between_markers(text: str, block: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m meta_train.report", description=__doc__,
+    ap = ArgumentParser(prog="python -m meta_train.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results_dir")
     ap.add_argument("--readme", default=None, help="replace the results section of this markdown file")

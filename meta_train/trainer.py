@@ -8,9 +8,19 @@ steps, one meta-step per truncation (or, with probability r, the same for imitat
 Resume contract: everything random comes from streams stored in the checkpoint (the data/init
 generator of each rank, the imitation coin flips) or derived from counters (validation), so a
 run of E epochs and a run of E1 < E epochs followed by ``--resume`` to E end bit-identical.
+
+Populations (``population`` K > 1): each epoch K fresh optimizees advance together through every
+truncation in one vectorized unroll (``meta_train.unroll.population_*``), split evenly across the
+processes; the meta-loss is the mean of the members' meta-losses. A rank's member 0 draws from the
+rank's generator (what its one optimizee draws with K = 1), member j > 0 from a generator seeded from
+(seed, rank, j); all of them are stored in the checkpoint. A member whose meta-loss is not finite leaves
+the population for the rest of the epoch and that truncation takes no meta-step (as one diverged
+optimizee ends its epoch). Validation then runs its ``eval_runs`` optimizees as one population too.
+K = 1 is the one-optimizee code path, unchanged.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -29,11 +39,12 @@ from learned_optim.rules import Rule, build_rule, stored_config
 
 from .curriculum import ADVANCE, IMPROVED, STOP, Curriculum
 from .export import export_weights
-from .imitation import SelfImproving, Teacher, imitation_unroll
+from .imitation import SelfImproving, Teacher, imitation_unroll, population_imitation_unroll
 from .tasks import Task
-from .unroll import meta_unroll, rollout, start_scaled
+from .unroll import (meta_unroll, population_meta_unroll, population_rollout, rollout, select_members,
+                     start_population, start_scaled)
 
-# the paper's defaults per model (reference §1-4)
+# the paper's defaults per model (its training scripts and README)
 MODEL_DEFAULTS = {
     "dm": dict(meta_optimizer="adam", meta_lr=1e-3, objective="sum", horizon=100, epochs=10000, eval_every=100,
                eval_runs=20, horizons=[100, 200, 500, 1000, 1500, 2000, 2500, 3000],
@@ -47,6 +58,42 @@ MODEL_DEFAULTS = {
                   imitation_ratios_cl=[0.1], imitation_ratio=0.1),
 }
 GRAD_CLIP_SCALE = 1e4  # L2O-Scale: meta-gradients made finite, then value-clipped
+
+
+class RunError(Exception):
+    """A run that cannot start or continue as asked (the message says what to do); the CLI prints it as one line."""
+
+
+RUN_FILES = ("checkpoint.pt", "checkpoint.pt.tmp", "log.jsonl", "weights.safetensors", "weights.safetensors.tmp",
+             "training.png")
+
+
+def prepare_out_dir(cfg: "Config", rank: int = 0, world: int = 1) -> None:
+    """Never lose a run: an ``--out`` that holds files is refused unless ``--resume`` (continue it) or
+    ``--overwrite`` (delete the run's own files and start over; other files are left alone)."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a folder")
+    if cfg.resume and (out / "checkpoint.pt").exists():
+        return
+    if cfg.resume and not cfg.overwrite:  # nothing to resume: a new run, unless that would replace a run's files
+        present = sorted(p.name for p in out.iterdir() if p.name in RUN_FILES) if out.is_dir() else []
+        if present:
+            raise RunError(f"--out {out} holds {', '.join(present)} but no checkpoint.pt to resume from; pass "
+                           "--overwrite to start over there, or choose another --out")
+        return
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite:
+            what = "a run" if (out / "checkpoint.pt").exists() else "files"
+            raise RunError(f"--out {out} already holds {what}: add --resume to continue it, --overwrite to start "
+                           "over (deletes its checkpoint, log and weights), or choose another --out")
+        if world > 1:
+            dist.barrier()  # every rank has checked before rank 0 deletes
+        if rank == 0:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+        if world > 1:
+            dist.barrier()
 
 
 @dataclass
@@ -73,6 +120,8 @@ class Config:
     meta_lr: float | None = None
     min_evals: int = 3
     random_scale: float = 0.0
+    population: int = 1
+    overwrite: bool = False
     progress: bool = True
     resume: bool = False
 
@@ -97,6 +146,24 @@ def _git_version() -> str:
         return out.stdout.strip() or "unknown"
     except Exception:
         return "unknown"
+
+
+def member_seed(seed: int, rank: int, member: int) -> int:
+    """Seed of the generator of population member ``member`` > 0 of ``rank`` (member 0 uses the rank's own)."""
+    digest = hashlib.sha256(f"population member:{seed}:{rank}:{member}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def members_per_rank(population: int, world: int) -> int:
+    """Optimizees each process unrolls: 1 for ``population == 1`` (one per process, as always), else the
+    population split evenly across the processes."""
+    if population < 1:
+        raise ValueError(f"population must be >= 1, got {population}")
+    if population == 1:
+        return 1
+    if population % world:
+        raise ValueError(f"population {population} cannot be split evenly across {world} processes")
+    return population // world
 
 
 def _make_meta_optimizer(kind: str, params, lr: float):
@@ -130,6 +197,9 @@ class Trainer:
         self.il_opt = (self.meta_opt if cfg.model == "scale"
                        else _make_meta_optimizer(self.r["meta_optimizer"], self.rule.parameters(), self.r["meta_lr"]))
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
+        self.members = members_per_rank(cfg.population, self.world)
+        self.member_gens = [self.gen] + [torch.Generator().manual_seed(member_seed(cfg.seed, self.rank, j))
+                                         for j in range(1, self.members)]
         self.coin = random.Random(cfg.seed)  # shared by all ranks: every rank takes the same kind of epoch
         self.curriculum = Curriculum(self.r["horizons"], min_evals=cfg.min_evals) if cfg.curriculum else None
         self.best_state = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
@@ -187,6 +257,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ epochs
     def run_epoch(self) -> dict:
+        if self.members > 1:
+            return self._run_population_epoch()
         horizon, unroll = self.train_horizon, self.cfg.unroll
         imitation = self.cfg.imitation and self.coin.random() < self.imitation_ratio()
         # random scaling (if enabled) holds for the whole epoch, imitation included; validation never sees it
@@ -213,7 +285,57 @@ class Trainer:
         return {"type": "epoch", "epoch": self.epoch + 1, "stage": self.stage, "horizon": horizon,
                 "kind": "imitation" if imitation else "meta", "meta_loss": sum(meta_losses) / max(len(meta_losses), 1),
                 "final_loss": losses[-1] if losses else None,
-                "mean_ln_loss": (sum(math.log(max(v, 1e-30)) for v in losses) / len(losses)) if losses else None}
+                "mean_ln_loss": (sum(math.log(max(v, 1e-30)) for v in losses) / len(losses)) if losses else None,
+                "population": self.cfg.population}
+
+    def _run_population_epoch(self) -> dict:
+        """:meth:`run_epoch` for this rank's members of a population: ``final_loss`` is the mean over the
+        members of their last finite loss, ``mean_ln_loss`` the mean of ln over members and steps (finite
+        losses)."""
+        horizon, unroll = self.train_horizon, self.cfg.unroll
+        imitation = self.cfg.imitation and self.coin.random() < self.imitation_ratio()
+        gens = list(self.member_gens)
+        traj, task = start_population(self.rule, self.task, gens, self.cfg.random_scale)
+        ln_sum, ln_count, final, meta_losses = 0.0, 0, None, []
+        if imitation:
+            teacher = Teacher(self.cfg.teacher, traj.theta, lr=self.cfg.teacher_lr)
+        override = None
+        if self.self_improving is not None and not imitation:
+            self.self_improving.begin_epoch(traj.theta)
+            override = self.self_improving.override(self.epoch, self.coin)
+        for _ in range(math.ceil(horizon / unroll)):
+            if imitation:
+                loss, traj = population_imitation_unroll(self.rule, task, traj, teacher, unroll, gens)
+                self._meta_step(self.il_opt, loss)
+                meta_losses.append(float(loss.detach()))
+                continue
+            member_losses, traj, values = population_meta_unroll(self.rule, task, traj, unroll, gens,
+                                                                 objective=self.r["objective"],
+                                                                 step_override=override)
+            finite_values = values[torch.isfinite(values)]
+            ln_sum += float(finite_values.clamp(min=1e-30).log().sum())
+            ln_count += finite_values.numel()
+            last = values[-1][torch.isfinite(values[-1])]
+            final = float(last.mean()) if last.numel() else None
+            finite = torch.isfinite(member_losses.detach())
+            if not bool(finite.all()):  # diverged members leave; no meta-step on this truncation
+                keep = finite.nonzero().flatten()
+                if keep.numel() == 0:
+                    break
+                traj = select_members(self.rule, traj, keep)
+                gens = [gens[i] for i in keep.tolist()]
+                if task.scale is not None:
+                    task = task.scaled(task.scale.index_select(0, keep.to(task.scale.device)))
+                if override is not None:
+                    self.self_improving.select(keep)
+                continue
+            loss = member_losses.mean()
+            self._meta_step(self.meta_opt, loss)
+            meta_losses.append(float(loss.detach()))
+        return {"type": "epoch", "epoch": self.epoch + 1, "stage": self.stage, "horizon": horizon,
+                "kind": "imitation" if imitation else "meta", "meta_loss": sum(meta_losses) / max(len(meta_losses), 1),
+                "final_loss": final, "mean_ln_loss": ln_sum / ln_count if ln_count else None,
+                "population": self.cfg.population}
 
     def validate(self, horizon: int) -> float:
         """Mean over fresh optimizees of the mean loss of the last 10 steps (lower is better)."""
@@ -223,9 +345,13 @@ class Trainer:
         finals = []
         was_training = self.rule.training
         self.rule.eval()
-        for i in mine:
-            gen = torch.Generator().manual_seed(10_000_019 * (self.cfg.seed + 1) + 7919 * self.num_evals + i)
-            losses = rollout(self.rule, self.task, horizon, gen)
+        gens = [torch.Generator().manual_seed(10_000_019 * (self.cfg.seed + 1) + 7919 * self.num_evals + i)
+                for i in mine]
+        if self.cfg.population > 1:  # the rank's validation optimizees as one population
+            curves = population_rollout(self.rule, self.task, horizon, gens) if gens else []
+        else:
+            curves = (rollout(self.rule, self.task, horizon, gen) for gen in gens)
+        for losses in curves:
             tail = losses[-10:]
             finals.append(sum(tail) / len(tail) if len(losses) == horizon and all(map(math.isfinite, tail))
                           else math.inf)
@@ -238,10 +364,14 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> None:
         gens = [self.gen.get_state()]
+        members = [[g.get_state() for g in self.member_gens[1:]]]
         if self.world > 1:
             gathered = [None] * self.world
             dist.all_gather_object(gathered, self.gen.get_state())
             gens = gathered
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, members[0])
+            members = gathered
         if self.rank != 0:
             return
         state = {
@@ -251,7 +381,8 @@ class Trainer:
             "meta_opt": self.meta_opt.state_dict(), "il_opt": self.il_opt.state_dict(),
             "best_state": self.best_state, "best_val": self.best_val,
             "curriculum": self.curriculum.to_dict() if self.curriculum else None,
-            "generators": gens, "coin": self.coin.getstate(), "stop_reason": self.stop_reason,
+            "generators": gens, "population_generators": members, "coin": self.coin.getstate(),
+            "stop_reason": self.stop_reason,
             "log_offset": self.log_path.stat().st_size if self.log_path.exists() else 0,
             "world_size": self.world,
         }
@@ -266,10 +397,10 @@ class Trainer:
                                                                      weights_only=False)
         self._ckpt = None
         if ckpt["world_size"] != self.world:
-            raise RuntimeError(f"checkpoint was written by {ckpt['world_size']} process(es); resume with the same "
+            raise RunError(f"{self.ckpt_path} was written by {ckpt['world_size']} process(es); resume with the same "
                                f"number (now {self.world})")
-        saved = {k: v for k, v in ckpt["config"].items() if k not in ("epochs", "resume", "progress", "device",
-                                                                       "data_root", "out")}
+        not_recipe = ("epochs", "resume", "overwrite", "progress", "device", "data_root", "out")
+        saved = {k: v for k, v in ckpt["config"].items() if k not in not_recipe}
         now = {k: v for k, v in self.cfg.__dict__.items() if k in saved}
         extend = None
         if ckpt["curriculum"] is not None and self.curriculum is not None:
@@ -280,7 +411,9 @@ class Trainer:
                 now.pop("horizons", None)
         if saved != now:
             diff = {k: (saved[k], now[k]) for k in saved if saved[k] != now.get(k)}
-            raise RuntimeError(f"--resume with a different recipe than the checkpoint: {diff}")
+            changes = ", ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in diff.items())
+            raise RunError(f"--resume with a different recipe than {self.ckpt_path} ({changes}); rerun with the "
+                           "checkpoint's options, or start a new run in another --out")
         self.rule.load_state_dict(ckpt["rule"])
         self.meta_opt.load_state_dict(ckpt["meta_opt"])
         if self.il_opt is not self.meta_opt:
@@ -291,6 +424,8 @@ class Trainer:
         if ckpt["curriculum"] is not None:
             self.curriculum = Curriculum.from_dict(ckpt["curriculum"])
         self.gen.set_state(ckpt["generators"][self.rank])
+        for gen, state in zip(self.member_gens[1:], ckpt.get("population_generators", [[]] * self.world)[self.rank]):
+            gen.set_state(state)
         self.coin.setstate(ckpt["coin"])
         if self.rank == 0 and self.log_path.exists():  # drop log lines written after the checkpoint
             with open(self.log_path, "r+") as fh:
@@ -364,6 +499,13 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.cfg.resume and self.ckpt_path.exists():
             self._restore()
+            if self.finished():
+                if self.rank == 0:
+                    why = self.stop_reason or f"epoch cap {self.r['epochs']} reached"
+                    print(f"{self.out}: nothing left to do, the run stopped at epoch {self.epoch} ({why}); its "
+                          f"weights are in {self.out / 'weights.safetensors'}. Raise --epochs, or append stages to "
+                          "--horizons, to continue it", file=sys.stderr)
+                return self.out / "weights.safetensors"
         elif self.rank == 0 and self.log_path.exists():
             self.log_path.unlink()
         handlers = {}
@@ -376,6 +518,10 @@ class Trainer:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
         return self.finish()
+
+    def finished(self) -> bool:
+        """True when the run has nothing left to do: its curriculum stopped, or it reached the epoch cap."""
+        return (self.curriculum is not None and self.curriculum.done) or self.epoch >= self.r["epochs"]
 
     def _loop(self) -> None:
         from tqdm.auto import tqdm
@@ -414,6 +560,7 @@ class Trainer:
                 "epochs_run": self.epoch, "eval_every": self.r["eval_every"], "eval_runs": self.r["eval_runs"],
                 "imitation_ratios": self.r["imitation_ratios"], "teacher": self.cfg.teacher,
                 "teacher_lr": self.cfg.teacher_lr, "random_scale": self.cfg.random_scale,
+                "population": self.cfg.population,
                 "meta_optimizer": self.r["meta_optimizer"],
                 "meta_lr": self.r["meta_lr"], "objective": self.r["objective"],
                 "stage_reached": self.stage, "horizon_reached": self.train_horizon,
@@ -464,10 +611,12 @@ def main_train(cfg: Config) -> Path:
     if cfg.device.startswith("cuda") and dist.is_initialized():
         cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     try:
+        prepare_out_dir(cfg, dist.get_rank() if dist.is_initialized() else 0,
+                        dist.get_world_size() if dist.is_initialized() else 1)
         return Trainer(cfg).train()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-__all__ = ["Config", "Trainer", "MODEL_DEFAULTS", "main_train", "setup_distributed", "sys"]
+__all__ = ["Config", "RunError", "Trainer", "prepare_out_dir", "MODEL_DEFAULTS", "main_train", "setup_distributed", "sys"]

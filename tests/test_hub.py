@@ -360,3 +360,31 @@ def test_publish_refuses_non_weight_file(tmp_path):
         with pytest.raises(WeightsError):
             learned_optim.publish(path, "org/x")
     api_cls.assert_not_called()
+
+
+# ------------------------------------------------------------------------------------ no network at all
+OFFLINE_ENDPOINT = "http://learned-optim-no-network.invalid"  # .invalid never resolves (RFC 2606)
+
+
+def test_unreachable_hub_without_cache_fails_at_once_with_a_clear_message(cache, monkeypatch):
+    calls = []
+    real = huggingface_hub.hf_hub_download
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy)
+    with pytest.raises(WeightsError) as info:
+        learned_optim.resolve_weights("hf://org/repo", endpoint=OFFLINE_ENDPOINT, cache_dir=cache, token=False)
+    message = str(info.value)
+    assert "unreachable" in message and "learned-optim-no-network.invalid" in message and "no copy" in message
+    # the probe failed, so the download went straight to the cache instead of retrying with back-off
+    assert calls and calls[0]["local_files_only"] is True
+
+
+def test_unreachable_hub_serves_the_cached_copy(hub, cache):
+    online = learned_optim.resolve_weights("hf://org/repo", endpoint=hub.url, cache_dir=cache, token=False)
+    hub.stop()
+    offline = learned_optim.resolve_weights("hf://org/repo", endpoint=OFFLINE_ENDPOINT, cache_dir=cache, token=False)
+    assert offline == online
