@@ -32,11 +32,13 @@ def synthetic_images(n: int, channels: int, size: int, seed: int) -> tuple[np.nd
     return images, labels.astype(np.uint8)
 
 
-def write_synthetic_mnist(root: Path, folder: str = "MNIST", n_train: int = 512, n_test: int = 256) -> Path:
-    """A tiny dataset in torchvision's MNIST layout: ROOT/MNIST/raw/*-ubyte."""
+def write_synthetic_mnist(root: Path, folder: str = "MNIST", n_train: int = 512, n_test: int = 256,
+                          size: int = 28) -> Path:
+    """A tiny dataset in torchvision's MNIST layout: ROOT/MNIST/raw/*-ubyte. ``size`` < 28 gives smaller images
+    (an MLP-orig of 20 hidden units then has size² · 20 + 410 parameters: fast meta-training tests)."""
     raw = root / folder / "raw"
     for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
-        images, labels = synthetic_images(n, 1, 28, seed)
+        images, labels = synthetic_images(n, 1, size, seed)
         write_idx(raw / f"{prefix}-images-idx3-ubyte", images[:, 0])
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
     return root
