@@ -39,16 +39,21 @@ def make_model(seed: int) -> nn.Module:
     return model
 
 
-def train(model, opt, x, y, steps: int, seed: int) -> list[float]:
+def train(model, opt, x, y, steps: int, seed: int, name: str) -> list[float]:
     gen = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in range(steps):
+    report = max(1, steps // 10)
+    for step in range(1, steps + 1):
         idx = torch.randint(len(y), (128,), generator=gen).to(x.device)
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if step % report == 0 or step == steps:
+            recent = losses[-min(100, len(losses)):]
+            print(f"{name}: step {step}/{steps}, ln loss (last {len(recent)} steps) "
+                  f"{math.log(sum(recent) / len(recent)):.3f}", flush=True)
     return losses
 
 
@@ -57,6 +62,7 @@ def main(argv=None) -> None:
     ap.add_argument("--weights", default=None, help="bundled name, .safetensors path or hf:// reference "
                                                     "(default: the bundled rnnprop-cl-il)")
     ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--lr", type=float, default=1.0, help="the learned optimizer's lr (multiplies its update)")
     ap.add_argument("--adam-lr", type=float, default=1e-2)
     ap.add_argument("--data-root", default=os.environ.get("LEARNED_OPTIM_DATA", "data"))
     ap.add_argument("--device", default="cpu")
@@ -71,16 +77,20 @@ def main(argv=None) -> None:
         if not names:
             raise SystemExit("no bundled weights in this install: pass --weights PATH or hf://org/repo")
         weights = names[0]
-    rule = learned_optim.load_rule(learned_optim.resolve_weights(weights))
+    rule_name = learned_optim.read_metadata(learned_optim.resolve_weights(weights))["rule"]
+    cls = CLASSES[rule_name]
+    print(f"loading MNIST from {args.data_root}", flush=True)
     x, y = load_mnist(args.data_root, args.device)
 
     curves = {}
     model = make_model(args.seed).to(args.device)
-    curves[f"{type(rule).__name__} ({weights})"] = train(
-        model, CLASSES[rule.name](model.parameters(), weights=weights), x, y, args.steps, args.seed)
+    name = f"{cls.__name__}(weights={weights!r}" + (f", lr={args.lr:g})" if args.lr != 1.0 else ")")
+    curves[name] = train(model, cls(model.parameters(), weights=weights, lr=args.lr), x, y, args.steps, args.seed,
+                         name)
     model = make_model(args.seed).to(args.device)
-    curves[f"Adam (lr={args.adam_lr:g})"] = train(
-        model, torch.optim.Adam(model.parameters(), lr=args.adam_lr), x, y, args.steps, args.seed)
+    name = f"Adam(lr={args.adam_lr:g})"
+    curves[name] = train(model, torch.optim.Adam(model.parameters(), lr=args.adam_lr), x, y, args.steps, args.seed,
+                         name)
 
     import matplotlib
 
@@ -91,7 +101,8 @@ def main(argv=None) -> None:
     for label, losses in curves.items():
         smooth = [sum(losses[max(0, i - 49): i + 1]) / len(losses[max(0, i - 49): i + 1]) for i in range(len(losses))]
         ax.plot([math.log(v) for v in smooth], label=label)
-        print(f"{label}: final ln loss (mean of last 100 steps) = {math.log(sum(losses[-100:]) / 100):.3f}")
+        tail = losses[-min(100, len(losses)):]
+        print(f"{label}: final ln loss (mean of the last {len(tail)} steps) = {math.log(sum(tail) / len(tail)):.3f}")
     ax.set_xlabel("step")
     ax.set_ylabel("ln training loss (50-step moving average)")
     ax.set_title("MNIST MLP 784-20-10 (sigmoid)")
