@@ -5,6 +5,10 @@ Imitation is off-policy (teacher forcing): the trajectory follows the teacher fr
 initialisation; the rule sees the teacher's gradients with its own recurrent state and is trained
 to reproduce the teacher's updates, loss per step ``0.5 * sum((delta_teacher - delta_rule)^2) / n``,
 summed over each truncation of ``unroll`` steps.
+
+Populations: the teacher steps all K members at once (``theta`` of shape (K, n); the analytical
+optimizers are element-wise, so this is K independent teachers) and the loss divides by K*n, i.e. it is
+the mean over the members of each member's imitation loss.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from torch import Tensor
 from learned_optim.rules import Rule
 
 from .tasks import Task
-from .unroll import Trajectory, detach_state
+from .unroll import Trajectory, detach_state, population_step
 
 TEACHERS = {
     "adam": (torch.optim.Adam, {"lr": 0.01}),
@@ -36,6 +40,16 @@ class Teacher:
         self.name = name
         self.param = theta.detach().clone().requires_grad_(True)
         self.opt = cls([self.param], **kwargs)
+
+    def select(self, keep: Tensor) -> None:
+        """Keep only the population members ``keep`` (rows of a (K, n) teacher), with their optimizer state."""
+        old = self.param
+        self.param = old.detach().index_select(0, keep.to(old.device)).requires_grad_(True)
+        state = {k: v.index_select(0, keep.to(v.device)) if torch.is_tensor(v) and v.shape[:1] == old.shape[:1]
+                 and v.dim() == old.dim() else v for k, v in self.opt.state.get(old, {}).items()}
+        self.opt = type(self.opt)([self.param], **self.opt.defaults)
+        if state:
+            self.opt.state[self.param] = state
 
     @torch.no_grad()
     def step(self, theta: Tensor, grad: Tensor) -> Tensor:
@@ -60,6 +74,22 @@ def imitation_unroll(rule: Rule, task: Task, traj: Trajectory, teacher: Teacher,
     return total, Trajectory(theta, detach_state(state), traj.step + unroll, traj.f0)
 
 
+def population_imitation_unroll(rule: Rule, task: Task, traj: Trajectory, teacher: Teacher, unroll: int,
+                                generators) -> tuple[Tensor, Trajectory]:
+    """:func:`imitation_unroll` for a population (``traj.theta`` (K, n), member k's batches from
+    ``generators[k]``): the loss is the mean over the members of their imitation losses."""
+    theta, state = traj.theta, traj.state
+    total = theta.new_zeros(())
+    for t in range(unroll):
+        _, grad = task.population_loss_and_grad(theta, task.sample_batches(generators))
+        step = traj.step + t + 1
+        target = teacher.step(theta, grad)
+        predicted, state = population_step(rule, grad, state, step)
+        total = total + 0.5 * ((target - predicted) ** 2).sum() / theta.numel()
+        theta = theta + target
+    return total, Trajectory(theta, detach_state(state), traj.step + unroll, traj.f0)
+
+
 class SelfImproving:
     """Mix teacher steps into the rule's own trajectory: at each step an auxiliary optimizer is
     chosen with probability ``p_aux`` (split equally among the teachers), decaying linearly from
@@ -75,6 +105,11 @@ class SelfImproving:
 
     def begin_epoch(self, theta: Tensor) -> None:
         self.teachers = [Teacher(name, theta) for name in self.teacher_names]
+
+    def select(self, keep: Tensor) -> None:
+        """Keep only the population members ``keep`` (see :meth:`Teacher.select`)."""
+        for teacher in self.teachers:
+            teacher.select(keep)
 
     def override(self, epoch: int, rng) -> callable:
         p = self.p_aux(epoch)

@@ -10,15 +10,25 @@ Meta-losses (``objective``):
 - ``"log_ratio"`` (L2O-Scale): mean over the truncation of ``log(f_t / (f_0 + 1e-6) + 1e-6)`` with
   ``f_0`` the loss at the start of the trajectory (minibatch losses; the original evaluates f on a
   10k-sample subset).
+
+Populations (``population_*``): K optimizees advance together, ``theta`` of shape (K, n). Their forward
+and backward run once through ``torch.func.vmap`` (:meth:`Task.population_loss`); the rule sees K times
+the coordinates. A coordinate-wise rule (L2O-DM, RNNprop) is called once on the flat (K*n,) gradient
+with its per-coordinate state (F, K*n); a rule with per-tensor and global state (L2O-Scale) runs under
+``vmap`` over the members, its state stacked (K, ...) so every member keeps its own statistics. Member k
+draws its initialisation, random scaling and batches from ``generators[k]`` with exactly the calls one
+optimizee makes (:func:`start`, :func:`start_scaled`), so a member computes what one optimizee computes on
+that generator, to float rounding. A population's meta-loss is the mean of its members' meta-losses.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.func import vmap
 
 from learned_optim.rules import Rule, State
 
@@ -33,10 +43,10 @@ def detach_state(state: State) -> State:
 class Trajectory:
     """Where an optimizee is along its trajectory (carried from one truncation to the next)."""
 
-    theta: Tensor
+    theta: Tensor  # (n,) one optimizee; (K, n) a population
     state: State
     step: int = 0  # steps taken so far
-    f0: float | None = None  # loss at the start (for the log-ratio objective)
+    f0: float | Tensor | None = None  # loss at the start (log-ratio objective); (K,) for a population
 
 
 def start(rule: Rule, task: Task, generator: torch.Generator) -> Trajectory:
@@ -112,3 +122,112 @@ def rollout(rule: Rule, task: Task, steps: int, generator: torch.Generator) -> l
         update, state = rule(grad, state, step)
         theta = theta + update
     return losses
+
+
+# ---------------------------------------------------------------------------------------------- populations
+def _state_dims(rule: Rule, state: State) -> dict[str, int | None]:
+    """vmap dimension of each state key of a stacked population state (layout keys are shared)."""
+    kinds = rule.state_kinds()
+    return {k: None if kinds.get(k) == "layout" else 0 for k in state}
+
+
+def stack_states(rule: Rule, states: Sequence[State]) -> State:
+    """The population state of K members' states: coordinate-wise rules concatenate the coordinates
+    (features, K*n); other rules stack every member's state (K, ...), layout keys shared."""
+    if rule.coordinatewise:
+        return {k: torch.cat([s[k] for s in states], dim=-1) for k in states[0]}
+    dims = _state_dims(rule, states[0])
+    return {k: states[0][k] if dims[k] is None else torch.stack([s[k] for s in states]) for k in states[0]}
+
+
+def select_members(rule: Rule, traj: Trajectory, keep: Tensor) -> Trajectory:
+    """The trajectory of the members ``keep`` (indices into the population)."""
+    k = traj.theta.shape[0]
+    keep = keep.to(traj.theta.device)
+    if rule.coordinatewise:
+        state = {key: v.unflatten(-1, (k, -1)).index_select(-2, keep.to(v.device)).flatten(-2)
+                 for key, v in traj.state.items()}
+    else:
+        dims = _state_dims(rule, traj.state)
+        state = {key: v if dims[key] is None else v.index_select(0, keep.to(v.device))
+                 for key, v in traj.state.items()}
+    f0 = traj.f0.index_select(0, keep.to(traj.f0.device)) if isinstance(traj.f0, Tensor) else traj.f0
+    return Trajectory(traj.theta.index_select(0, keep), state, traj.step, f0)
+
+
+def population_step(rule: Rule, grad: Tensor, state: State, step) -> tuple[Tensor, State]:
+    """``rule`` on a population's gradients (K, n): returns the updates (K, n) and the new state."""
+    if rule.coordinatewise:
+        update, state = rule(grad.reshape(-1), state, step)
+        return update.view_as(grad), state
+    dims = _state_dims(rule, state)
+    return vmap(lambda g, s: rule(g, s, step), in_dims=(0, dims), out_dims=(0, dims))(grad, state)
+
+
+def start_population(rule: Rule, task: Task, generators: Sequence[torch.Generator],
+                     bound: float = 0.0) -> tuple[Trajectory, Task]:
+    """Fresh trajectories for ``len(generators)`` members, member k exactly as
+    ``start_scaled(rule, task, generators[k], bound)`` (so member 0 of a run is its one optimizee)."""
+    members = [start_scaled(rule, task, g, bound) for g in generators]
+    theta = torch.stack([traj.theta for traj, _ in members])
+    state = stack_states(rule, [traj.state for traj, _ in members])
+    if bound > 0:
+        task = task.scaled(torch.stack([member_task.scale for _, member_task in members]))
+    return Trajectory(theta, state), task
+
+
+def population_meta_unroll(rule: Rule, task: Task, traj: Trajectory, unroll: int,
+                           generators: Sequence[torch.Generator], *, objective: str = "sum",
+                           step_override: Callable[[int, Tensor, Tensor], Tensor | None] | None = None
+                           ) -> tuple[Tensor, Trajectory, Tensor]:
+    """:func:`meta_unroll` for a population: returns (each member's meta-loss (K,) with graph, next trajectory,
+    losses (steps, K) detached). The population's meta-loss is their mean; a member whose meta-loss is not
+    finite has to leave the population before the mean is back-propagated (its NaNs reach the shared rule)."""
+    theta = traj.theta.detach().requires_grad_(True)
+    state = traj.state
+    losses: list[Tensor] = []
+    for t in range(unroll):
+        loss, grad = task.population_loss_and_grad(theta, task.sample_batches(generators), keep_graph=True)
+        losses.append(loss)
+        step = traj.step + t + 1
+        update, state = population_step(rule, grad, state, step)
+        if step_override is not None:
+            forced = step_override(step, theta, grad)
+            if forced is not None:
+                update = forced
+        theta = theta + update
+    if objective == "sum":
+        losses.append(task.population_loss(theta, task.sample_batches(generators)))
+        member_losses = torch.stack(losses).sum(0)
+    elif objective == "log_ratio":
+        f0 = traj.f0 if traj.f0 is not None else losses[0].detach()
+        member_losses = torch.log(torch.stack(losses) / (f0 + 1e-6) + 1e-6).mean(0)
+    else:
+        raise ValueError(f"Unknown objective {objective!r}")
+    values = torch.stack(losses).detach()
+    f0 = traj.f0 if traj.f0 is not None else values[0]
+    return member_losses, Trajectory(theta.detach(), detach_state(state), traj.step + unroll, f0), values
+
+
+@torch.no_grad()
+def population_rollout(rule: Rule, task: Task, steps: int, generators: Sequence[torch.Generator],
+                       check_every: int = 100) -> list[list[float]]:
+    """:func:`rollout` for ``len(generators)`` fresh optimizees at once; member k's losses are those of
+    ``rollout(rule, task, steps, generators[k])`` (to float rounding), ending at its first NaN/Inf."""
+    traj = start_population(rule, task, generators)[0]
+    theta, state = traj.theta, traj.state
+    recorded: list[Tensor] = []
+    finite = torch.ones(theta.shape[0], dtype=torch.bool, device=theta.device)
+    for step in range(1, steps + 1):
+        loss, grad = task.population_loss_and_grad(theta, task.sample_batches(generators))
+        recorded.append(loss)
+        finite &= torch.isfinite(loss)
+        if step % check_every == 0 and not bool(finite.any()):
+            break  # every member has diverged: the rest would only be NaN
+        update, state = population_step(rule, grad, state, step)
+        theta = theta + update
+    curves = []
+    for column in torch.stack(recorded).T.tolist():
+        end = next((i + 1 for i, v in enumerate(column) if not math.isfinite(v)), len(column))
+        curves.append(column[:end])
+    return curves

@@ -6,6 +6,11 @@ learned optimizer does: ``task.loss(flat_params, batch)``. Parameters are initia
 (weights and biases alike, as in the paper's code), except normalisation layers, which start as the
 identity (scale 1, shift 0), as ``tf.layers.batch_normalization`` does in the paper's Conv-MNIST;
 batches of 128 are drawn with replacement.
+
+Populations: K optimizees of one task are a (K, n) matrix of flat parameter vectors. ``sample_batches``
+draws member k's batch from its own generator exactly as ``sample_batch`` would, and ``population_loss``
+runs the module once for all members through ``torch.func.vmap`` over ``functional_call`` (batch norm
+keeps per-member batch statistics), so member k computes what one optimizee computes, to float rounding.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from ..data import load_dataset
 from .models import ConvNet, LeNet, MLP, NASCellNet
@@ -81,9 +86,11 @@ class Task:
     def scaled(self, scale: Tensor) -> "Task":
         """This task seen through per-coordinate factors ``scale`` (random scaling, Lv et al. 2017): same
         architecture, data and batches, loss ``f(theta * scale)``, so its gradient is ``scale * grad f``.
+        ``scale`` is (n,) for one optimizee or (K, n) for a population (one row per member).
         A shallow copy: the data tensors are shared."""
-        if scale.shape != (self.num_params,):
-            raise ValueError(f"scale must have shape ({self.num_params},), got {tuple(scale.shape)}")
+        if scale.shape[-1:] != (self.num_params,) or scale.dim() not in (1, 2):
+            raise ValueError(f"scale must have shape ({self.num_params},) or (K, {self.num_params}), "
+                             f"got {tuple(scale.shape)}")
         task = copy.copy(self)
         task.scale = scale.to(self.device)
         return task
@@ -119,6 +126,40 @@ class Task:
             flat = flat * self.scale
         logits = functional_call(self.module, self.unflatten(flat), (batch.x,))
         return F.cross_entropy(logits, batch.y)
+
+    # ------------------------------------------------------------------ populations
+    def sample_batches(self, generators: list[torch.Generator]) -> Batch:
+        """One batch per member, stacked: x (K, B, ...), y (K, B); member k's batch is the one
+        ``sample_batch(generators[k])`` draws (same calls on the same generator)."""
+        idx = torch.stack([torch.randint(len(self.y), (self.batch_size,), generator=g) for g in generators])
+        idx = idx.to(self.device)
+        return Batch(self.x[idx], self.y[idx])
+
+    def _member_loss(self, flat: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(self.module, self.unflatten(flat), (x,)), y)
+
+    def population_loss(self, theta: Tensor, batch: Batch) -> Tensor:
+        """Losses (K,) of the K optimizees ``theta`` (K, n) on their batches (from :meth:`sample_batches`)."""
+        if theta.dim() != 2 or theta.shape[1] != self.num_params:
+            raise ValueError(f"a population's parameters must have shape (K, {self.num_params}), "
+                             f"got {tuple(theta.shape)}")
+        if self.scale is not None:
+            theta = theta * self.scale
+        return vmap(self._member_loss)(theta, batch.x, batch.y)
+
+    def population_loss_and_grad(self, theta: Tensor, batch: Batch, *,
+                                 keep_graph: bool = False) -> tuple[Tensor, Tensor]:
+        """Losses (K,) and gradients (K, n) of a population, each member's gradient its own (the gradient of
+        the sum of the losses); detached as in :meth:`loss_and_grad`."""
+        if keep_graph:
+            losses = self.population_loss(theta, batch)
+            (grad,) = torch.autograd.grad(losses.sum(), theta, retain_graph=True)
+            return losses, grad.detach()
+        with torch.enable_grad():
+            leaf = theta.detach().requires_grad_(True)
+            losses = self.population_loss(leaf, batch)
+            (grad,) = torch.autograd.grad(losses.sum(), leaf)
+        return losses.detach(), grad
 
     def loss_and_grad(self, flat: Tensor, batch: Batch, *, keep_graph: bool = False) -> tuple[Tensor, Tensor]:
         """Loss at ``flat`` and its gradient (detached: first-order, as in the paper's code).
