@@ -318,7 +318,8 @@ class LearnedOptimizer(Optimizer):
 
     def _drop_nonfinite(self, params: list[Tensor]) -> list[Tensor]:
         """Apply the NaN/Inf policy: one reduction per tensor, one host sync per group."""
-        norms = torch._foreach_norm([_real_view(p.grad) for p in params], float("inf"))
+        grads = [_real_view(p.grad) for p in params]  # an FSDP2 shard may hold no coordinates: norm 0
+        norms = torch._foreach_norm([g if g.numel() else g.new_zeros(1) for g in grads], float("inf"))
         finite = torch.isfinite(torch.stack([n.to(params[0].device) for n in norms]))
         finite = _dist.all_across_shards(finite, params).tolist()  # FSDP2: all shards skip a tensor or none
         if all(finite):
@@ -429,7 +430,9 @@ def _remember_loaded_state(optimizer: LearnedOptimizer, state_dict: dict) -> Non
     """Refuse state from another rule (before anything changes); torch casts floating state to each
     parameter's dtype, so keep the originals to restore them."""
     _check_loaded_rule(optimizer, state_dict)
-    optimizer._pending_state = state_dict["state"]
+    # the saved ids in parameter order, as torch matches them: ints, or names (torch.distributed.checkpoint)
+    ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+    optimizer._pending_state = (ids, state_dict["state"])
 
 
 def _add_rule_identity(optimizer: LearnedOptimizer, state_dict: dict) -> dict:
@@ -465,13 +468,14 @@ def _check_loaded_rule(optimizer: LearnedOptimizer, state_dict: dict) -> None:
 
 
 def _restore_loaded_state(optimizer: LearnedOptimizer) -> None:
-    saved, optimizer._pending_state = optimizer._pending_state, None
-    if saved is None:
+    pending, optimizer._pending_state = optimizer._pending_state, None
+    if pending is None:
         return
-    params = [p for group in optimizer.param_groups for p in group["params"]]  # ids are positional, as in torch
+    ids, saved = pending
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     kinds = optimizer.rule.state_kinds()
-    for index, p in enumerate(params):
-        for key, value in saved.get(index, {}).items():
+    for pid, p in zip(ids, params):
+        for key, value in saved.get(pid, {}).items():
             if not isinstance(value, Tensor):
                 continue
             if key == "step":  # a private copy: the caller's dict must not advance with us
