@@ -34,6 +34,12 @@ Resume: each finished seed is written at once to ``.partial/{run}/seed{k}.json``
 command skips finished seeds (partials whose settings differ are ignored). When a run is complete
 its JSON holds every curve and the partial files are removed; a later rerun reuses the seeds stored
 in that JSON (e.g. ``--seeds 20`` after ``--seeds 10`` only runs seeds 10-19).
+
+Batched seeds (``--batch-seeds [N]``; the default on CUDA): the seeds of a point train as one population
+(:func:`train_seeds`): the same initialisation and batches per seed, the same optimizer classes and
+per-coordinate maths, the module run on all seeds at once through ``torch.func.vmap``. Curves equal the
+sequential path's to float rounding (which, like any rounding difference, grows along a long trajectory);
+results are keyed and stored exactly as the sequential path's, so either reuses the other's seeds.
 """
 from __future__ import annotations
 
@@ -518,16 +524,44 @@ def default_workers(n_seeds: int) -> int:
     return max(1, min(n_seeds, os.cpu_count() or 1))
 
 
+def batch_size_for(batch_seeds: int | None, device: str) -> int:
+    """Seeds per population: ``None`` (auto) is every seed of a point on CUDA and one at a time on the CPU
+    (where batching gains little: benchmarks/evaluate_speed.py); 0 is every seed of a point; N >= 1 at most N."""
+    if batch_seeds is None:
+        return 0 if str(device).startswith("cuda") else 1
+    if batch_seeds < 0:
+        raise EvaluationError(f"batch_seeds must be >= 0 (0: all the seeds of a point), got {batch_seeds}")
+    return batch_seeds
+
+
+def seed_groups(missing: dict[RunSpec, list[int]], size: int, workers: int) -> list[tuple[RunSpec, tuple[int, ...]]]:
+    """The jobs: each point's missing seeds in groups of at most ``size`` (0: all of them, split into as many
+    groups as it takes to keep ``workers`` processes busy)."""
+    points = [spec for spec, seeds in missing.items() if seeds]
+    jobs = []
+    for spec in points:
+        seeds = missing[spec]
+        n = size or math.ceil(len(seeds) / max(1, workers // len(points)))
+        jobs += [(spec, tuple(seeds[i:i + n])) for i in range(0, len(seeds), n)]
+    return jobs
+
+
+def run_job(spec: RunSpec, seeds: Sequence[int],
+            data: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict[str, Any]]:
+    """One job of :func:`run_specs`: one seed on its own (:func:`run_seed`), or several as one population."""
+    return [run_seed(spec, seeds[0], data)] if len(seeds) == 1 else run_seeds(spec, seeds, data)
+
+
 def run_specs(specs: Sequence[RunSpec], out: str | os.PathLike, *, workers: int | None = None,
               data: tuple[torch.Tensor, torch.Tensor] | None = None, command: str | None = None,
-              progress: bool = True, threads: int | None = 1) -> list[dict[str, Any]]:
+              progress: bool = True, threads: int | None = 1, batch_seeds: int | None = None) -> list[dict[str, Any]]:
     """Evaluate several points (e.g. a grid) with one pool of workers; returns their result dicts.
 
     ``workers == 1`` runs in this process (no pool); otherwise a 'spawn' ProcessPoolExecutor.
     Either way each seed runs with ``threads`` torch threads (default 1: the optimizees are small,
     and several threads per process slow down badly when the cores are shared; ``None`` leaves
     torch's setting). Finished seeds are saved as they arrive, so an interrupted call resumes
-    where it stopped.
+    where it stopped. ``batch_seeds``: seeds per population (see :func:`batch_size_for`).
     """
     from tqdm.auto import tqdm
 
@@ -535,11 +569,14 @@ def run_specs(specs: Sequence[RunSpec], out: str | os.PathLike, *, workers: int 
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     done = {spec: load_finished(out, spec) for spec in specs}
-    jobs = [(spec, seed) for spec in specs for seed in spec.seeds if seed not in done[spec]]
+    missing = {spec: [seed for seed in spec.seeds if seed not in done[spec]] for spec in specs}
+    n_missing = sum(map(len, missing.values()))
     total = sum(len(spec.seeds) for spec in specs)
-    if jobs and data is None:
-        load_task_data(jobs[0][0])  # fail here, with the data module's message, if the dataset is missing
-    workers = default_workers(len(jobs)) if workers is None else max(1, min(workers, max(len(jobs), 1)))
+    if n_missing and data is None:
+        load_task_data(specs[0])  # fail here, with the data module's message, if the dataset is missing
+    workers = default_workers(n_missing) if workers is None else max(1, min(workers, max(n_missing, 1)))
+    jobs = seed_groups(missing, batch_size_for(batch_seeds, specs[0].device), workers)
+    workers = min(workers, max(len(jobs), 1))
     results: dict[RunSpec, dict[str, Any]] = {}
 
     def finished(spec: RunSpec, record: dict[str, Any]) -> None:
@@ -551,7 +588,7 @@ def run_specs(specs: Sequence[RunSpec], out: str | os.PathLike, *, workers: int 
                                        command=command)
 
     desc = specs[0].run_id if len(specs) == 1 else f"{specs[0].label}__{specs[0].task} ({len(specs)} lrs)"
-    with tqdm(total=total, initial=total - len(jobs), desc=desc, unit="seed", disable=not progress) as bar:
+    with tqdm(total=total, initial=total - n_missing, desc=desc, unit="seed", disable=not progress) as bar:
         for spec in specs:  # already complete: keep its result file unless it differs
             if len(done[spec]) == len(spec.seeds):
                 existing = _read_json(result_path(out, spec))
@@ -561,18 +598,21 @@ def run_specs(specs: Sequence[RunSpec], out: str | os.PathLike, *, workers: int 
                     out, spec, done[spec], wall_seconds=time.perf_counter() - start, command=command)
         if workers == 1:
             with torch_threads(threads):
-                for spec, seed in jobs:
-                    finished(spec, run_seed(spec, seed, data))
+                for spec, seeds in jobs:
+                    for record in run_job(spec, seeds, data):
+                        finished(spec, record)
         elif jobs:
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                                      initargs=(threads,)) as pool:
-                pending = {pool.submit(run_seed, spec, seed, data): spec for spec, seed in jobs}
+                pending = {pool.submit(run_job, spec, seeds, data): spec for spec, seeds in jobs}
                 try:
                     while pending:
                         ready, _ = wait(pending, return_when=FIRST_COMPLETED)
                         for fut in ready:
-                            finished(pending.pop(fut), fut.result())
+                            spec = pending.pop(fut)
+                            for record in fut.result():
+                                finished(spec, record)
                 except BaseException:
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise
@@ -584,15 +624,16 @@ def evaluate(optimizer: str, task: str, *, lr: float | None = None, steps: int =
              data_root: str | None = None, device: str = "cpu", workers: int | None = None,
              data: tuple[torch.Tensor, torch.Tensor] | None = None, command: str | None = None,
              progress: bool = True, plot: bool = True, threads: int | None = 1,
-             state_dtype: str = "float32") -> dict[str, Any]:
+             state_dtype: str = "float32", batch_seeds: int | None = None) -> dict[str, Any]:
     """Evaluate ``optimizer`` at one lr on ``task``; writes ``{label}__{task}.json`` and returns it.
 
-    ``data=(x, y)`` replaces the task's dataset (tests); ``seeds`` is a count (0..n-1) or the seeds.
+    ``data=(x, y)`` replaces the task's dataset (tests); ``seeds`` is a count (0..n-1) or the seeds;
+    ``batch_seeds``: seeds trained as one population (:func:`batch_size_for`).
     """
     spec = make_spec(optimizer, task, lr=lr, steps=steps, seeds=seeds, label=label, data_root=data_root,
                      device=device, injected_data=data is not None, state_dtype=state_dtype)
     (result,) = run_specs([spec], out, workers=workers, data=data, command=command, progress=progress,
-                          threads=threads)
+                          threads=threads, batch_seeds=batch_seeds)
     if plot:
         plot_task(out, task)
     return result
@@ -616,13 +657,13 @@ def evaluate_grid(optimizer: str, task: str, lrs: Sequence[float] = DEFAULT_LR_G
                   data_root: str | None = None, device: str = "cpu", workers: int | None = None,
                   data: tuple[torch.Tensor, torch.Tensor] | None = None, command: str | None = None,
                   progress: bool = True, plot: bool = True, threads: int | None = 1,
-                  state_dtype: str = "float32") -> dict[str, Any]:
+                  state_dtype: str = "float32", batch_seeds: int | None = None) -> dict[str, Any]:
     """Evaluate ``optimizer`` at every lr of ``lrs``; writes each point and ``{label}__{task}__grid.json``."""
     specs = [make_spec(optimizer, task, lr=lr, steps=steps, seeds=seeds, label=label, grid_point=True,
                        data_root=data_root, device=device, injected_data=data is not None,
                        state_dtype=state_dtype) for lr in lrs]
     results = run_specs(specs, out, workers=workers, data=data, command=command, progress=progress,
-                        threads=threads)
+                        threads=threads, batch_seeds=batch_seeds)
     summary = grid_summary(specs, results, command)
     write_json_atomic(grid_path(Path(out), specs[0].label, task), summary)
     if plot:
@@ -726,6 +767,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=None, help="worker processes (default min(seeds, cpu count))")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per seed (default 1)")
+    ap.add_argument("--batch-seeds", type=int, nargs="?", const=0, default=None, metavar="N",
+                    help="train the seeds of a point as one population (stacked parameters through torch.func.vmap, "
+                         "the same optimizer classes): the sequential path's per-seed curves to float rounding, "
+                         "stored the same way. N: at most N seeds per population (1: one seed at a time); without N: "
+                         "all the seeds of a point, split to keep --workers busy. Default: batched on CUDA, one "
+                         "seed at a time on the CPU")
     ap.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="learned optimizers: dtype of the recurrent state (state_dtype=)")
     ap.add_argument("--label", default=None, help="name in files, plots and tables (default from --optimizer)")
@@ -749,7 +796,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DEFAULT_LR_GRID if args.optimizer in BASELINES and args.lr is None else None)
     common = dict(steps=args.steps, seeds=args.seeds, out=args.out, label=args.label, data_root=args.data_root,
                   device=args.device, workers=args.workers, command=command, progress=not args.no_progress,
-                  threads=args.threads)
+                  threads=args.threads, batch_seeds=args.batch_seeds)
     if args.state_dtype != "float32":
         common["state_dtype"] = args.state_dtype
     try:
