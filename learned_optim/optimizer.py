@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import distributed as _dist
+from . import kernels
 from .rules import Rule
 from .weights import load_rule, resolve_weights
 
@@ -83,6 +84,8 @@ class LearnedOptimizer(Optimizer):
         chunk_size: coordinates per rule evaluation (bounds the temporary memory of ``step``).
         state_dtype: dtype of the recurrent state (float32 default; bfloat16 halves its memory).
         nonfinite: ``"skip"`` (skip tensors whose gradient is NaN/Inf, warn) or ``"raise"``.
+        backend: ``"auto"`` (a fused Triton kernel for L2O-DM / RNNprop on CUDA tensors when Triton
+            imports, the torch path otherwise), ``"torch"`` or ``"triton"`` (see ``learned_optim.kernels``).
         revision, cache_dir, local_files_only, endpoint, token: passed to the hub download.
     """
 
@@ -90,7 +93,7 @@ class LearnedOptimizer(Optimizer):
 
     def __init__(self, params: Iterable, rule: Rule | None = None, *, weights: str | None = None, lr: float = 1.0,
                  maximize: bool = False, chunk_size: int = 8192, state_dtype: torch.dtype = torch.float32,
-                 nonfinite: str = "skip", revision: str | None = None, cache_dir=None,
+                 nonfinite: str = "skip", backend: str = "auto", revision: str | None = None, cache_dir=None,
                  local_files_only: bool | None = None, endpoint: str | None = None, token=None):
         name = type(self).__name__
         if isinstance(rule, (str, os.PathLike)):  # RNNprop(params, "rnnprop-cl-il"): the weights, positionally
@@ -140,6 +143,9 @@ class LearnedOptimizer(Optimizer):
             for p in group["params"]:
                 if p.is_sparse:
                     raise ValueError(f"{type(self).__name__} does not support sparse parameters")
+        kernels.check_backend(backend, rule, [p for group in self.param_groups for p in group["params"]])
+        self.backend = backend
+        self._kernel_cache: dict = {}
         self.rule = rule  # run under no_grad; the caller's module is not modified (it may be in training)
         self.weights = None if weights is None else str(weights)
         self.chunk_size = chunk_size
@@ -153,7 +159,7 @@ class LearnedOptimizer(Optimizer):
         self.register_state_dict_post_hook(_shard_state_dict)
 
     # ------------------------------------------------------------------ torch plumbing
-    _PICKLED = ("rule", "weights", "chunk_size", "state_dtype", "nonfinite")
+    _PICKLED = ("rule", "weights", "chunk_size", "state_dtype", "nonfinite", "backend")
 
     def __getstate__(self) -> dict[str, Any]:
         # torch pickles only defaults/state/param_groups; the rule and our options travel too
@@ -166,7 +172,7 @@ class LearnedOptimizer(Optimizer):
         for group in self.param_groups:
             group.setdefault("maximize", False)
         defaults = {"weights": None, "chunk_size": 8192, "state_dtype": torch.float32, "nonfinite": "skip",
-                    "_rule_copies": {}, "_pending_state": None}
+                    "_rule_copies": {}, "_pending_state": None, "backend": "auto", "_kernel_cache": {}}
         for key, value in defaults.items():
             self.__dict__.setdefault(key, value)
         hooks = self._optimizer_load_state_dict_pre_hooks.values()
@@ -214,7 +220,13 @@ class LearnedOptimizer(Optimizer):
                 continue
             self._init_group_state(group, params)
             if self.rule.coordinatewise:
-                self._step_coordinatewise(group, params)
+                if self.backend != "torch" and kernels.use_kernel(self.backend, self._rule_on(params[0].device),
+                                                                   params[0].device):
+                    params = kernels.lstm_step(self._rule_on(params[0].device), params, self.state, lr=group["lr"],
+                                               maximize=group["maximize"], flat_pair=self._flat_pair,
+                                               cache=self._kernel_cache)  # returns the tensors it cannot take
+                if params:
+                    self._step_coordinatewise(group, params)
             else:
                 self._step_whole_group(group, params)
         return loss

@@ -1,0 +1,143 @@
+"""Fused GPU steps (Triton) for the coordinate-wise rules, L2O-DM and RNNprop.
+
+The torch path of ``LearnedOptimizer.step`` evaluates the rule module over chunks of coordinates, a few
+dozen small kernels per chunk. On a GPU the floor of a step is its memory traffic, so the fused path does
+the whole step in one kernel launch per param group (per combination of parameter, gradient and state
+dtypes), whatever the number of tensors:
+
+* **Host, per step.** One int64 table: the data pointers of the rule's own weight tensors (read at call
+  time: no copy of the weights exists that could go stale), then one row per tensor (gradient, parameter,
+  ``rnn`` and ``mv`` state pointers, numel, first block). A block map (program -> tensor, int32; cached per
+  layout) lets program ``pid`` find its tensor with one load. Each tensor's ``step`` lives on its device (as
+  in torch's fused optimizers) and is advanced with one ``_foreach_add_``; RNNprop's bias corrections
+  ``1 - beta^step`` are computed per tensor from those steps (each tensor its own step count).
+* **One program** takes BLOCK (default 128) consecutive coordinates of one tensor. It loads the gradient
+  (any of fp32/bf16/fp16; negated for ``maximize``) and runs the preprocessing (DM: LogAndSign with k=5;
+  RNNprop: the Adam moments m, v, bias-corrected features, Linear(2, 20) + ELU), then for each LSTM layer
+  loads h and c as [BLOCK, 32] tiles of the feature-major (80, n) state -- row r of coordinate j is at
+  ``r * n + j``, so every row load is coalesced along the coordinates -- computes the four gates as
+  ``tl.dot([BLOCK, 32], [32, 32])`` products (hidden 20 padded to 32 with masked loads, padding lanes stay
+  exactly 0; DM's 2-feature first layer uses outer products), accumulates in fp32, and writes the new h, c
+  back in the state dtype (float32, bfloat16 or float16; maths always in fp32). The head (Linear(20, 1),
+  tanh for RNNprop, x0.01) gives the update, which is rounded to the parameter dtype and added in place,
+  ``p += lr * update``. Sigmoid is ``1 / (1 + exp(-x))``, the LSTM tanh the rule's own ``2 sigmoid(2x) - 1``;
+  RNNprop's output tanh and the ELU use an expm1 that is exact near 0.
+* **Traffic per coordinate** (fp32 state): read gradient 4 B, parameter 4 B, state 320 B (RNNprop +8 B of
+  m, v), write state 320 B (+8) and parameter 4 B: ~652 B for DM, ~668 B for RNNprop; bfloat16 state halves
+  the state part (~332 / 340 B). Weights (~21 KB for DM, ~27 KB for RNNprop) are read once per program and
+  stay in L1/L2.
+* ``tl.dot`` uses ``input_precision="tf32x3"`` by default on the GPU (three TF32 tensor-core products, close
+  to fp32 accuracy); ``LEARNED_OPTIM_TRITON_PRECISION=ieee`` gives plain fp32 FMA, ``tf32`` the fast, lossy
+  one. ``LEARNED_OPTIM_TRITON_BLOCK`` / ``LEARNED_OPTIM_TRITON_WARPS`` override BLOCK and num_warps.
+
+Dispatch (``backend=`` of ``LearnedOptimizer``): ``"auto"`` uses the kernel for CUDA tensors when Triton is
+importable and the torch path otherwise; ``"torch"`` always the torch path; ``"triton"`` always the kernel
+(on CPU tensors only under Triton's interpreter, ``TRITON_INTERPRET=1`` set before Triton is imported; the
+interpreter cannot follow the table's device pointers, so it runs CPU tensors only). L2O-Scale (not
+coordinate-wise) always takes the torch path. Tensors the kernel cannot take in place (tensor subclasses
+such as DTensor, float64, state that is not a contiguous tensor on the parameter's device) are stepped on
+the torch path in the same ``step()``; parameters with gaps (e.g. a strided slice) go through one update
+buffer, as on the torch path. The state layout is the torch path's, so state dicts move freely between
+backends.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+_INTERPRET_ON = ("1", "true", "yes", "on")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when the ``triton`` package imports."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken install is "not available", not a crash of every step()
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when the kernels run (or will run) under Triton's CPU interpreter."""
+    module = _loaded_module()
+    if module is not None:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return isinstance(module._lstm_step_kernel, InterpretedFunction)
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _INTERPRET_ON
+
+
+def _loaded_module():
+    import sys
+
+    return sys.modules.get(f"{__name__}.lstm")
+
+
+def _module():
+    from . import lstm
+
+    return lstm
+
+
+def _has_kernel(rule) -> bool:
+    return rule.name in ("dm", "rnnprop") and rule.coordinatewise
+
+
+def check_backend(backend: str, rule, params) -> None:
+    """Validate ``backend=`` when the optimizer is built (clear ValueErrors for impossible requests)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r} (use 'auto', 'torch' or 'triton')")
+    if backend != "triton":
+        return
+    if not _has_kernel(rule):
+        raise ValueError(f"backend='triton': there is no fused kernel for the {rule.name!r} rule (L2O-DM and RNNprop "
+                         "only); use backend='auto' or 'torch'")
+    if not triton_available():
+        raise ValueError("backend='triton' needs the triton package, which does not import here; use "
+                         "backend='auto' or 'torch'")
+    devices = {p.device.type for p in params}
+    interp = interpreter_enabled()
+    if devices - {"cuda"} and not interp:
+        raise ValueError(f"backend='triton' runs CUDA tensors (got {sorted(devices - {'cuda'})}); on the CPU only under "
+                         "Triton's interpreter (TRITON_INTERPRET=1 set before importing triton). Use backend='torch'")
+    if "cuda" in devices and interp:
+        raise ValueError("backend='triton' under TRITON_INTERPRET=1 runs CPU tensors only (the interpreter cannot "
+                         "follow device pointers); unset TRITON_INTERPRET for CUDA tensors")
+
+
+def use_kernel(backend: str, rule, device: torch.device) -> bool:
+    """Whether a param group on ``device`` takes the fused kernel (raises RuntimeError when forced and impossible)."""
+    if backend == "torch" or not rule.coordinatewise:
+        return False
+    if backend == "auto":
+        if device.type != "cuda" or not _has_kernel(rule) or not triton_available() or interpreter_enabled():
+            return False
+        return _module().unsupported_reason(rule, device) is None
+    if not triton_available():
+        raise RuntimeError("backend='triton': the triton package does not import here")
+    interp = interpreter_enabled()
+    if device.type == "cuda" and interp:
+        raise RuntimeError("backend='triton' under TRITON_INTERPRET=1 runs CPU tensors only; unset TRITON_INTERPRET "
+                           "for CUDA tensors")
+    if device.type != "cuda" and not interp:
+        raise RuntimeError(f"backend='triton' runs CUDA tensors, got {device.type} tensors (on the CPU only under "
+                           "TRITON_INTERPRET=1); use backend='torch' or 'auto'")
+    reason = _module().unsupported_reason(rule, device)
+    if reason is not None:
+        raise RuntimeError(f"backend='triton': {reason}")
+    return True
+
+
+def lstm_step(rule, params, state, *, lr: float, maximize: bool, flat_pair, cache: dict) -> list:
+    """Run the fused L2O-DM / RNNprop step on ``params``; returns those left for the torch path."""
+    return _module().lstm_step(rule, params, state, lr=lr, maximize=maximize, flat_pair=flat_pair, cache=cache)
+
+
+__all__ = ["BACKENDS", "check_backend", "interpreter_enabled", "lstm_step", "triton_available", "use_kernel"]

@@ -1,0 +1,292 @@
+"""The fused L2O-DM / RNNprop step: one Triton kernel per param group (and dtype combination).
+
+Importing this module decorates the kernel with ``triton.jit``; ``TRITON_INTERPRET=1`` must be set
+before that for the interpreter (CPU tensors). See ``learned_optim.kernels`` for the design.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from array import array
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..rules import L2ODMRule, RNNpropRule, Rule
+
+# table layout (int64): weight pointers first -- output weight, output bias, input projection weight and bias
+# (RNNprop), then per layer w_ih, w_hh, b_ih, b_hh -- then one row of _NCOL entries per tensor
+_NCOL = 6  # grad ptr, param ptr, rnn ptr, mv ptr, numel, first block
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_RULE_IDS = {"dm": 0, "rnnprop": 1}
+
+
+# ---------------------------------------------------------------------------------------- device maths
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _expm1(x):
+    # exp(x) - 1 without cancellation near 0: a degree-7 Taylor polynomial for |x| < 1/4 (error < 4e-10)
+    p = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0 + x * (1.0 / 720.0 + x / 5040.0))))))
+    return tl.where(tl.abs(x) < 0.25, p, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _gate(x, x0, x1, h, w_ih, w_hh, b_ih, b_hh, w_offs, w_mask, js, jmask,
+          TWO_INPUTS: tl.constexpr, PRECISION: tl.constexpr):
+    """Pre-activation of one LSTM gate, [BLOCK, HP]: x W_ih^T + h W_hh^T + b_ih + b_hh. The pointers point at
+    the gate's first row; ``w_offs`` / ``w_mask`` address the [HP, HP] tile W^T of an (H, H) block."""
+    if TWO_INPUTS:  # L2O-DM's first layer: 2 input features, outer products instead of a matrix product
+        w0 = tl.load(w_ih + js * 2, mask=jmask, other=0.0)
+        w1 = tl.load(w_ih + js * 2 + 1, mask=jmask, other=0.0)
+        acc = x0[:, None] * w0[None, :] + x1[:, None] * w1[None, :]
+    else:
+        acc = tl.dot(x, tl.load(w_ih + w_offs, mask=w_mask, other=0.0), input_precision=PRECISION)
+    acc = tl.dot(h, tl.load(w_hh + w_offs, mask=w_mask, other=0.0), acc, input_precision=PRECISION)
+    bias = tl.load(b_ih + js, mask=jmask, other=0.0) + tl.load(b_hh + js, mask=jmask, other=0.0)
+    return acc + bias[None, :]
+
+
+@triton.jit
+def _lstm_step_kernel(table, block_map, bias_correction, num_tensors, lr, sign, c0, c1, c2, output_scale,
+                      RULE: tl.constexpr, NUM_LAYERS: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
+                      BLOCK: tl.constexpr, G_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+                      PRECISION: tl.constexpr, NW: tl.constexpr, NCOL: tl.constexpr, VEC: tl.constexpr):
+    """One program = BLOCK coordinates of one tensor: preprocessing, the LSTM layers, the head, state and
+    parameter written in place. DM: c0 = k, c1 = e^k; RNNprop: c0 = beta1, c1 = beta2, c2 = eps, and
+    ``bias_correction`` (2, num_tensors) = 1 - beta^step per tensor."""
+    pid = tl.program_id(0)
+    t = tl.load(block_map + pid).to(tl.int64)
+    row = table + NW + t * NCOL
+    g_ptr = tl.load(row).to(tl.pointer_type(G_DTYPE))
+    p_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
+    s_ptr = tl.load(row + 2).to(tl.pointer_type(S_DTYPE))
+    n = tl.load(row + 4)
+    if VEC > 1:  # every tensor of this launch: numel and pointers multiples of VEC elements -> vector accesses
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        s_ptr = tl.multiple_of(s_ptr, 16)
+        n = tl.multiple_of(n, VEC)
+    coord = (pid - tl.load(row + 5)) * BLOCK + tl.arange(0, BLOCK)  # int64: row * n + coord may exceed 2^31
+    valid = coord < n
+    js = tl.arange(0, HP)
+    jmask = js < H
+    w_offs = js[None, :] * H + js[:, None]  # tile[k, j] = W[j, k] of an (H, H) block
+    w_mask = jmask[None, :] & jmask[:, None]
+    s_offs = js[None, :].to(tl.int64) * n + coord[:, None]  # row j of the state, [BLOCK, HP]
+    s_mask = valid[:, None] & jmask[None, :]
+
+    g = tl.load(g_ptr + coord, mask=valid, other=0.0, eviction_policy="evict_first").to(tl.float32) * sign
+    x0 = g
+    x1 = g
+    x = tl.zeros([BLOCK, HP], dtype=tl.float32)
+    if RULE == 0:  # L2O-DM: LogAndSign with k = c0 (1.1920929e-07: float32 eps, as in the rule)
+        x0 = tl.maximum(tl.log(tl.abs(g) + 1.1920928955078125e-07) / c0, -1.0)
+        x1 = tl.minimum(tl.maximum(g * c1, -1.0), 1.0)
+    else:  # RNNprop: Adam moments (torch.lerp's formula), bias-corrected features, Linear(2, H) + ELU
+        mv_ptr = tl.load(row + 3).to(tl.pointer_type(S_DTYPE))
+        if VEC > 1:
+            mv_ptr = tl.multiple_of(mv_ptr, 16)
+        m = tl.load(mv_ptr + coord, mask=valid, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        v = tl.load(mv_ptr + n + coord, mask=valid, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        if c0 < 0.5:
+            m = g + c0 * (m - g)
+        else:
+            m = m - (m - g) * (1.0 - c0)
+        if c1 < 0.5:
+            v = g * g + c1 * (v - g * g)
+        else:
+            v = v - (v - g * g) * (1.0 - c1)
+        tl.store(mv_ptr + coord, m.to(S_DTYPE), mask=valid, eviction_policy="evict_first")
+        tl.store(mv_ptr + n + coord, v.to(S_DTYPE), mask=valid, eviction_policy="evict_first")
+        denom = tl.sqrt(v / tl.load(bias_correction + num_tensors + t)) + c2
+        f0 = (m / tl.load(bias_correction + t)) / denom
+        f1 = g / denom
+        w_proj = tl.load(table + 2).to(tl.pointer_type(tl.float32))
+        b_proj = tl.load(table + 3).to(tl.pointer_type(tl.float32))
+        wp0 = tl.load(w_proj + js * 2, mask=jmask, other=0.0)
+        wp1 = tl.load(w_proj + js * 2 + 1, mask=jmask, other=0.0)
+        z = (f0[:, None] * wp0[None, :] + f1[:, None] * wp1[None, :]) + tl.load(b_proj + js, mask=jmask, other=0.0)[None, :]
+        x = tl.where(z > 0.0, z, _expm1(tl.minimum(z, 0.0)))
+
+    for layer in tl.static_range(NUM_LAYERS):
+        k_in = H  # input width of this layer: 2 for L2O-DM's first layer
+        if RULE == 0 and layer == 0:
+            k_in = 2
+        w_ih = tl.load(table + 4 + 4 * layer).to(tl.pointer_type(tl.float32))
+        w_hh = tl.load(table + 5 + 4 * layer).to(tl.pointer_type(tl.float32))
+        b_ih = tl.load(table + 6 + 4 * layer).to(tl.pointer_type(tl.float32))
+        b_hh = tl.load(table + 7 + 4 * layer).to(tl.pointer_type(tl.float32))
+        h_ptrs = s_ptr + (2 * layer * H) * n + s_offs
+        c_ptrs = h_ptrs + H * n
+        h = tl.load(h_ptrs, mask=s_mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        c = tl.load(c_ptrs, mask=s_mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        # gates in the order i, g, f, o: at most two gate tiles alive at once; tanh as 2 sigmoid(2x) - 1,
+        # the form of learned_optim.rules.base.fast_tanh
+        ig = _sigmoid(_gate(x, x0, x1, h, w_ih, w_hh, b_ih, b_hh, w_offs, w_mask, js, jmask, RULE == 0 and layer == 0, PRECISION))
+        a = _gate(x, x0, x1, h, w_ih + 2 * H * k_in, w_hh + 2 * H * H, b_ih + 2 * H, b_hh + 2 * H, w_offs, w_mask,
+                  js, jmask, RULE == 0 and layer == 0, PRECISION)
+        ig = ig * (_sigmoid(2.0 * a) * 2.0 - 1.0)
+        a = _gate(x, x0, x1, h, w_ih + H * k_in, w_hh + H * H, b_ih + H, b_hh + H, w_offs, w_mask, js, jmask,
+                  RULE == 0 and layer == 0, PRECISION)
+        c = _sigmoid(a) * c + ig
+        a = _gate(x, x0, x1, h, w_ih + 3 * H * k_in, w_hh + 3 * H * H, b_ih + 3 * H, b_hh + 3 * H, w_offs, w_mask,
+                  js, jmask, RULE == 0 and layer == 0, PRECISION)
+        x = _sigmoid(a) * (_sigmoid(2.0 * c) * 2.0 - 1.0)
+        tl.store(h_ptrs, x.to(S_DTYPE), mask=s_mask, eviction_policy="evict_first")
+        tl.store(c_ptrs, c.to(S_DTYPE), mask=s_mask, eviction_policy="evict_first")
+
+    w_out = tl.load(table + 0).to(tl.pointer_type(tl.float32))
+    b_out = tl.load(table + 1).to(tl.pointer_type(tl.float32))
+    y = tl.sum(x * tl.load(w_out + js, mask=jmask, other=0.0)[None, :], axis=1) + tl.load(b_out)
+    if RULE == 1:  # tanh(y) = -expm1(-2|y|) / (expm1(-2|y|) + 2), signed: exact near 0, no overflow
+        e = _expm1(-2.0 * tl.abs(y))
+        y = tl.where(y < 0.0, e / (e + 2.0), -e / (e + 2.0))
+    update = y * output_scale
+    p = tl.load(p_ptr + coord, mask=valid, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    p = p + lr * update.to(P_DTYPE).to(tl.float32)  # the update is rounded to the parameter dtype first, as in torch
+    tl.store(p_ptr + coord, p.to(P_DTYPE), mask=valid, eviction_policy="evict_first")
+
+
+# ---------------------------------------------------------------------------------------- host side
+_PLAIN = (Tensor, torch.nn.Parameter)
+_PRECISIONS = ("tf32x3", "ieee", "tf32")
+
+
+def launch_config() -> dict:
+    """BLOCK (coordinates per program), num_warps and the tl.dot input precision; the environment variables
+    LEARNED_OPTIM_TRITON_BLOCK / _WARPS / _PRECISION override the defaults (benchmarks, tuning)."""
+    block = int(os.environ.get("LEARNED_OPTIM_TRITON_BLOCK", "64"))
+    warps = int(os.environ.get("LEARNED_OPTIM_TRITON_WARPS", "4"))
+    precision = os.environ.get("LEARNED_OPTIM_TRITON_PRECISION", "tf32x3")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"LEARNED_OPTIM_TRITON_BLOCK must be a power of two >= 16, got {block}")
+    if warps < 1 or warps & (warps - 1):
+        raise ValueError(f"LEARNED_OPTIM_TRITON_WARPS must be a power of two, got {warps}")
+    if precision not in _PRECISIONS:
+        raise ValueError(f"LEARNED_OPTIM_TRITON_PRECISION must be one of {_PRECISIONS}, got {precision!r}")
+    return {"BLOCK": block, "num_warps": warps, "PRECISION": precision}
+
+
+def _weight_tensors(rule: Rule) -> list[Tensor]:
+    """The rule's own parameter tensors in the order of the weight part of the table."""
+    proj = rule.input_projection if isinstance(rule, RNNpropRule) else rule.output  # DM: placeholder, unused
+    out = [rule.output.weight, rule.output.bias, proj.weight, proj.bias]
+    for cell in rule.cells:
+        out += [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
+    return out
+
+
+def unsupported_reason(rule: Rule, device: torch.device) -> str | None:
+    """Why the kernel cannot run ``rule`` on ``device`` (None when it can)."""
+    if type(rule) not in (L2ODMRule, RNNpropRule):
+        return f"no fused kernel for {type(rule).__name__} (only L2O-DM and RNNprop)"
+    if rule.hidden_size > 128:
+        return f"hidden_size {rule.hidden_size} > 128"
+    for w in _weight_tensors(rule):
+        if w.dtype != torch.float32 or w.device != device or not w.is_contiguous():
+            return "the rule's weights must be contiguous float32 tensors on the parameters' device"
+    return None
+
+
+def _block_map(numels: tuple[int, ...], block: int, device: torch.device, cache: dict) -> Tensor:
+    key = (block, device, numels)
+    found = cache.get(key)
+    if found is None:
+        counts = torch.tensor([-(-n // block) for n in numels], dtype=torch.int64)
+        found = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts).to(device)
+        if len(cache) >= 16:  # layouts rarely change; bound the cache anyway
+            cache.clear()
+        cache[key] = found
+    return found
+
+
+def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximize: bool, flat_pair,
+              cache: dict) -> list[Tensor]:
+    """Step ``params`` (one param group, finite gradients, state initialised) with the fused kernel.
+
+    ``state`` is the optimizer's ``self.state``; ``flat_pair(p)`` gives (flat gradient, flat target, buffer)
+    for parameters that are not plain contiguous tensors. Returns the parameters the kernel cannot take
+    (tensor subclasses, float64, state that is not a contiguous tensor on the parameter's device); the
+    caller steps those on the torch path. Each tensor's ``step`` is kept on its device (as torch's fused
+    optimizers do) and incremented here.
+    """
+    device = params[0].device
+    cfg = launch_config()
+    block = cfg["BLOCK"]
+    is_rnnprop = isinstance(rule, RNNpropRule)
+    rest: list[Tensor] = []
+    classes: dict[tuple, list] = {}
+    for p in params:
+        st = state[p]
+        g = p.grad
+        rnn = st["rnn"]
+        mv = st["mv"] if is_rnnprop else rnn
+        if (type(p) not in _PLAIN or type(g) is not Tensor or rnn.device != device or mv.device != device
+                or rnn.dtype not in _TL_DTYPES or mv.dtype != rnn.dtype or not rnn.is_contiguous()
+                or not mv.is_contiguous()):
+            rest.append(p)
+            continue
+        if p.dtype in _TL_DTYPES and g.dtype == p.dtype and p.is_contiguous() and g.is_contiguous():
+            flat_g, target, buffer = g, p, None
+        else:
+            flat_g, target, buffer = flat_pair(p)
+            if target.dtype not in _TL_DTYPES or flat_g.dtype not in _TL_DTYPES:
+                rest.append(p)
+                continue
+        ptrs = (flat_g.data_ptr(), target.data_ptr(), rnn.data_ptr(), mv.data_ptr())
+        n = target.numel()
+        # 16-byte aligned pointers and numel % 4 == 0 (most tensors): 4-element vector loads and stores
+        vec = 4 if n % 4 == 0 and not (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) & 15 else 1
+        classes.setdefault((target.dtype, flat_g.dtype, rnn.dtype, vec), []).append((p, *ptrs, n, buffer))
+    if not classes:
+        return rest
+    weights = [w.data_ptr() for w in _weight_tensors(rule)]
+    if is_rnnprop:
+        consts = (rule.beta1, rule.beta2, rule.eps)
+    else:
+        consts = (rule.k, math.exp(rule.k), 0.0)  # e^k is rounded to float32, as torch does with a scalar
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        for (p_dtype, g_dtype, s_dtype, vec), entries in classes.items():
+            steps = []
+            for e in entries:
+                st = state[e[0]]
+                if st["step"].device != device:  # first fused step (or loaded from a state_dict): move it once
+                    st["step"] = st["step"].to(device)
+                steps.append(st["step"])
+            torch._foreach_add_(steps, 1.0)
+            if is_rnnprop:
+                s = torch.stack(steps)
+                bias_correction = torch.stack((1.0 - rule.beta1 ** s, 1.0 - rule.beta2 ** s)).contiguous()
+            else:
+                bias_correction = None
+            table = array("q", weights)
+            numels = []
+            first = 0
+            for _, gp, pp, rp, mp, n, _ in entries:
+                table.extend((gp, pp, rp, mp, n, first))
+                numels.append(n)
+                first += -(-n // block)
+            table_t = torch.frombuffer(table, dtype=torch.int64).to(device)
+            block_map = _block_map(tuple(numels), block, device, cache)
+            _lstm_step_kernel[(first,)](
+                table_t, block_map, table_t if bias_correction is None else bias_correction, len(entries),
+                float(lr), -1.0 if maximize else 1.0, float(consts[0]), float(consts[1]), float(consts[2]),
+                float(rule.output_scale),
+                RULE=_RULE_IDS[rule.name], NUM_LAYERS=rule.num_layers, H=rule.hidden_size,
+                HP=max(16, triton.next_power_of_2(rule.hidden_size)), BLOCK=block, G_DTYPE=_TL_DTYPES[g_dtype],
+                P_DTYPE=_TL_DTYPES[p_dtype], S_DTYPE=_TL_DTYPES[s_dtype], PRECISION=cfg["PRECISION"],
+                NW=len(weights), NCOL=_NCOL, VEC=vec, num_warps=cfg["num_warps"])
+            for p, *_, buffer in entries:
+                if buffer is not None:
+                    target = torch.view_as_real(p) if p.is_complex() else p
+                    target.add_(buffer.view(target.shape))
+    return rest
