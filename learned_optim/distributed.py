@@ -76,6 +76,8 @@ def all_reduce_columns(x: Tensor, params: list[Tensor]) -> Tensor:
     share ``params[i]``'s coordinates. Columns of unsharded tensors (plain tensors, or DTensors replicated
     over some mesh dimension) are whole on every rank and are kept as they are. Returns ``x`` reduced
     (in place) when any parameter is a DTensor, ``x`` untouched otherwise."""
+    if dtensor_class() is None:
+        return x
     sharded = [shard_groups(p) if is_dtensor(p) else [] for p in params]
     groups = []
     for gs in sharded:

@@ -21,7 +21,6 @@ Distributed: under DDP every rank steps identically (same gradients after the al
 parameters (DTensors) are stepped on each rank's local shard, with the state of its own coordinates;
 L2O-Scale's per-tensor sums are all-reduced across the shards (``learned_optim.distributed``).
 
-
 Non-finite gradients (policy ``nonfinite="skip"``, the default): a tensor whose gradient holds
 NaN or Inf is skipped for that step, its parameter and recurrent state left untouched, and a
 ``RuntimeWarning`` is issued; other tensors update normally. ``nonfinite="raise"`` raises a
@@ -359,7 +358,7 @@ class LearnedOptimizer(Optimizer):
             self.state[p]["step"] += 1
         step = self.state[params[0]]["step"]
         numels = torch.tensor([p.numel() * (2 if p.is_complex() else 1) for p in params], device=device)  # whole
-        pre = torch.stack([rule.pre_sums(self.state[p][ck]) for p in params], dim=1)
+        pre = rule.pre_sums([self.state[p][ck] for p in params])
         pre = _dist.all_reduce_columns(pre, params).sum(1)
         tensor_h = torch.cat([self.state[p][tk] for p in params], dim=-1).to(torch.float32)
         glob_h = owner[gk].to(torch.float32)
@@ -367,7 +366,7 @@ class LearnedOptimizer(Optimizer):
         flats = {p: self._flat_pair(p) for p in params}
         chunks = list(self._plan_chunks([_real_view(p).numel() for p in params]))
         sums = torch.zeros(rule.SUM_ROWS, len(params), device=device)
-        raws = []  # the unnormalised update, one float per coordinate, chunk by chunk
+        raws = []  # per chunk: its unnormalised update (one float per coordinate) and tensor indices
         for chunk in chunks:
             grads = [flats[params[i]][0][s: s + n] for i, s, n in chunk]
             g = (grads[0] if len(grads) == 1 else torch.cat(grads)).to(torch.float32)
@@ -382,15 +381,19 @@ class LearnedOptimizer(Optimizer):
             for i, s, n in chunk:
                 self.state[params[i]][ck][:, s: s + n].copy_(new_coord[:, offset: offset + n])
                 offset += n
-            raws.append(raw)
+            raws.append((raw, columns))
         sums = _dist.all_reduce_columns(sums, params)
         norm, tensor_new, glob_new = rule.tensor_stage(sums, numels, tensor_h, glob_h)
-        for chunk, raw in zip(chunks, raws):
+        for chunk, (raw, columns) in zip(chunks, raws):
+            if len(chunk) == 1:
+                raw.div_(norm[chunk[0][0]])
+            else:
+                lengths = torch.tensor([n for _, _, n in chunk], device=device)
+                raw.div_(norm.index_select(0, columns).repeat_interleave(lengths, output_size=raw.numel()))
             offset = 0
             for i, s, n in chunk:
                 flat_p = flats[params[i]][1]
-                update = raw[offset: offset + n].div_(norm[i])
-                flat_p[s: s + n].add_(update.to(flat_p.dtype), alpha=lr)
+                flat_p[s: s + n].add_(raw[offset: offset + n].to(flat_p.dtype), alpha=lr)
                 offset += n
         for i, p in enumerate(params):
             self.state[p][tk].copy_(tensor_new[:, i: i + 1])

@@ -186,10 +186,11 @@ class L2OScaleRule(Rule):
     #: rows of the per-tensor sums returned by ``coord_stage``: [h_new (10); features (12); direction^2 (1)]
     SUM_ROWS = 10 + NUM_FEATURES + 1
 
-    def pre_sums(self, coord: Tensor) -> Tensor:
-        """(1,): the sums over coordinates needed before the per-coordinate stage (that of the log learning
-        rates, whose mean over the layout is a feature)."""
-        return coord[_LOGLR].sum(dtype=torch.float32)[None]
+    def pre_sums(self, coords: list[Tensor]) -> Tensor:
+        """(1, len(coords)): for each per-coordinate state (21, n) of ``coords``, the sums over its coordinates
+        needed before the per-coordinate stage (that of the log learning rates, whose mean over the layout is
+        a feature)."""
+        return torch.stack([coord[_LOGLR].sum(dtype=torch.float32) for coord in coords])[None]
 
     def prepare(self, tensor_h: Tensor, glob_h: Tensor, pre_means: Tensor) -> dict[str, Tensor]:
         """What every coordinate needs from its tensor and the whole layout: the bias injected into the
@@ -221,9 +222,8 @@ class L2OScaleRule(Rule):
         injected = context["injected"]
         if columns is not None:
             injected = injected.index_select(1, columns)
-        if len(sizes) > 1:
-            injected = injected.repeat_interleave(torch.tensor(sizes, device=grad.device), dim=1,
-                                                  output_size=grad.numel())
+        if len(sizes) > 1:  # each segment's column over its coordinates (a cat of expanded views, not a gather)
+            injected = torch.cat([col.expand(-1, size) for col, size in zip(injected.split(1, dim=1), sizes)], dim=1)
         h_new = gru_cell(feats, h, self.param_cell, injected)
         direction = (self.direction.weight @ h_new + self.shortcut.weight @ s).squeeze(0)
         step_log_lr = _ClampST.apply(log_lr + (self.log_lr.weight @ h_new).squeeze(0) + self.log_lr.bias,
@@ -234,13 +234,11 @@ class L2OScaleRule(Rule):
         scl_new = torch.sigmoid(torch.addmm(self.scl_decay.bias[:, None], self.scl_decay.weight, h_new))
         inp_new = torch.sigmoid(torch.addmm(self.inp_decay.bias[:, None], self.inp_decay.weight, h_new))
         new_coord = torch.cat([h_new, a, ms, new_log_lr[None], scl_new, inp_new], dim=0)
-
-        def seg_sum(x: Tensor) -> Tensor:  # (F, n) -> (F, S); split+sum is much faster than index_add
-            if len(sizes) == 1:
-                return x.sum(1, keepdim=True)
-            return torch.stack([part.sum(1) for part in x.split(sizes, dim=1)], dim=1)
-
-        sums = torch.cat([seg_sum(h_new), seg_sum(feats), seg_sum(direction[None] ** 2)], dim=0)
+        stats = torch.cat([h_new, feats, direction[None] ** 2], dim=0)
+        if len(sizes) == 1:
+            sums = stats.sum(1, keepdim=True)
+        else:  # split+sum is much faster than index_add
+            sums = torch.stack([part.sum(1) for part in stats.split(sizes, dim=1)], dim=1)
         return raw_update, new_coord, sums
 
     def tensor_stage(self, sums: Tensor, numels: Tensor, tensor_h: Tensor, glob_h: Tensor
@@ -258,8 +256,10 @@ class L2OScaleRule(Rule):
     def forward(self, grad: Tensor, state: State, step):
         coord, numels = state["coord"], state["numels"]
         tensor_h, glob_h = state["tensor"], state["glob"]
-        context = self.prepare(tensor_h, glob_h, self.pre_sums(coord) / coord.shape[1])
-        raw_update, new_coord, sums = self.coord_stage(grad, coord, context, step, None, numels.tolist())
+        sizes = numels.tolist()
+        pre = self.pre_sums(list(coord.split(sizes, dim=1))).sum(1)  # tensor by tensor, as the optimizer sums
+        context = self.prepare(tensor_h, glob_h, pre / coord.shape[1])
+        raw_update, new_coord, sums = self.coord_stage(grad, coord, context, step, None, sizes)
         norm, tensor_new, glob_new = self.tensor_stage(sums, numels, tensor_h, glob_h)
         update = raw_update / norm.repeat_interleave(numels, output_size=grad.numel())
         return update, {"coord": new_coord, "tensor": tensor_new, "glob": glob_new, "numels": numels}
