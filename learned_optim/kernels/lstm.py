@@ -245,7 +245,8 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
         n = target.numel()
         # 16-byte aligned pointers and numel % 4 == 0 (most tensors): 4-element vector loads and stores
         vec = 4 if n % 4 == 0 and not (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) & 15 else 1
-        classes.setdefault((target.dtype, flat_g.dtype, rnn.dtype, vec), []).append((p, *ptrs, n, buffer))
+        # flat_g may be a temporary (a gradient brought to p's layout): the entry keeps it alive until the launch
+        classes.setdefault((target.dtype, flat_g.dtype, rnn.dtype, vec), []).append((p, *ptrs, n, buffer, flat_g))
     if not classes:
         return rest
     weights = [w.data_ptr() for w in _weight_tensors(rule)]
@@ -271,7 +272,7 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
             table = array("q", weights)
             numels = []
             first = 0
-            for _, gp, pp, rp, mp, n, _ in entries:
+            for _, gp, pp, rp, mp, n, _, _ in entries:
                 table.extend((gp, pp, rp, mp, n, first))
                 numels.append(n)
                 first += -(-n // block)
@@ -285,7 +286,7 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
                 HP=max(16, triton.next_power_of_2(rule.hidden_size)), BLOCK=block, G_DTYPE=_TL_DTYPES[g_dtype],
                 P_DTYPE=_TL_DTYPES[p_dtype], S_DTYPE=_TL_DTYPES[s_dtype], PRECISION=cfg["PRECISION"],
                 NW=len(weights), NCOL=_NCOL, VEC=vec, num_warps=cfg["num_warps"])
-            for p, *_, buffer in entries:
+            for p, *_, buffer, _ in entries:
                 if buffer is not None:
                     target = torch.view_as_real(p) if p.is_complex() else p
                     target.add_(buffer.view(target.shape))

@@ -1,0 +1,403 @@
+"""The fused Triton step (learned_optim.kernels) against the torch path: same updates and states.
+
+On the CPU the kernel runs through Triton's interpreter, which needs TRITON_INTERPRET=1 before
+triton is imported: those cases run in one subprocess (this file with ``--worker``), on small sizes.
+The same cases, and larger ones, run in-process on CUDA when a GPU is present (marker ``cuda``).
+Backend selection and its error messages are checked in-process.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import learned_optim
+from helpers import imitation_trained_rule
+from learned_optim import kernels
+
+REPO = Path(__file__).resolve().parent.parent
+HAS_TRITON = kernels.triton_available()
+HAS_CUDA = torch.cuda.is_available()
+cuda_only = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+
+FP32_TOL = 1e-5  # relative error of the fused step against the torch path, float32 state and parameters
+# bfloat16 state: an fp32 difference of one ulp can round a state value to the neighbouring bf16 number
+# (relative 2^-8), which then feeds the next steps; low-precision parameters: one ulp of the update
+LOOSE_TOL = {"state_bfloat16": 1e-1, "param_bfloat16": 1e-2, "param_float16": 2e-3}
+ULP_TOL = {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}  # one unit in the last place, relative
+# parameters after ``p += lr * update`` from the same p, relative to |p|: one rounding of the sum
+PARAM_TOL = {"float32": 1e-6, "bfloat16": 1e-2, "float16": 1e-3}
+
+
+# ---------------------------------------------------------------------------------------------- the cases
+def case(name, rule, **kw):
+    spec = {"name": name, "rule": rule, "config": {}, "shapes": [[37], [3, 5]], "steps": 10,
+            "state_dtype": "float32", "param_dtype": "float32", "lr": 1.0, "maximize": False,
+            "layouts": None, "late": {}, "groups": None, "nan_at": None, "block": None, "tol": FP32_TOL,
+            "sync": False}
+    spec.update(kw)
+    return spec
+
+
+def interpreter_cases() -> list[dict]:
+    """Small enough for Triton's interpreter (about 20 ms per program of BLOCK coordinates)."""
+    out = []
+    for rule in ("dm", "rnnprop"):
+        # 100 steps, odd sizes; RNNprop with per-tensor step counts (the second tensor has no gradient for 3 steps)
+        if rule == "dm":
+            out.append(case(f"{rule}-fp32-100", rule, steps=100, shapes=[[5, 9]]))
+        else:
+            out.append(case(f"{rule}-fp32-100", rule, steps=100, late={1: 3}))
+        # low-precision state, free-running (rounding flips accumulate) and re-synchronised before every step
+        # (then a state value differs by at most one unit in the last place of its dtype)
+        out.append(case(f"{rule}-state-bfloat16", rule, steps=20, state_dtype="bfloat16", late={1: 3},
+                        tol=LOOSE_TOL["state_bfloat16"]))
+        for dtype in ("bfloat16", "float16"):
+            out.append(case(f"{rule}-state-{dtype}-one-step", rule, steps=6, state_dtype=dtype, sync=True,
+                            tol=ULP_TOL[dtype]))
+        for dtype in ("bfloat16", "float16"):  # parameters and gradients: the update is rounded to them
+            out.append(case(f"{rule}-param-{dtype}", rule, steps=6, param_dtype=dtype, tol=LOOSE_TOL[f"param_{dtype}"]))
+        # many tensors, sizes around block boundaries (BLOCK 16), one launch
+        sizes = [1, 15, 16, 17, 31, 33, 2, 64, 7, 3, 129, 40]
+        out.append(case(f"{rule}-many", rule, steps=2, shapes=[[s] for s in sizes], block=16, late={3: 1}))
+        out.append(case(f"{rule}-groups-lr-maximize", rule, steps=6, shapes=[[4, 6], [9], [2, 3]],
+                        groups=[{"idx": [0, 2], "lr": 0.5, "maximize": True}, {"idx": [1], "lr": 2.0}]))
+        out.append(case(f"{rule}-layouts", rule, steps=6, shapes=[[6, 5], [4, 10], [7], [3, 4], [5, 3]],
+                        layouts=["transposed", "gapped", "complex", "grad_strided", "contiguous"]))
+        out.append(case(f"{rule}-nonfinite", rule, steps=5, shapes=[[13], [6]], nan_at=[2, 0]))
+        out.append(case(f"{rule}-state-float64-falls-back", rule, steps=4, state_dtype="float64"))
+    # other configurations, freshly initialised (their updates cancel more: the torch path's own distance to
+    # float64 is ~1e-5 there, so the bound is 1e-4)
+    out.append(case("dm-small-1-layer", "dm", steps=8, config={"hidden_size": 8, "num_layers": 1}, tol=1e-4))
+    out.append(case("rnnprop-wide-3-layers", "rnnprop", steps=8, config={"hidden_size": 36, "num_layers": 3},
+                    tol=1e-4))
+    out.append(case("rnnprop-betas-below-half", "rnnprop", steps=8, config={"beta1": 0.3, "beta2": 0.45}, tol=1e-4))
+    return out
+
+
+INTERPRETER_CASES = interpreter_cases()
+
+
+# ---------------------------------------------------------------------------------------------- the runner
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _make_param(shape, layout, gen, dtype, device):
+    if layout == "complex":
+        return torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.complex64).to(device))
+    if layout == "transposed":  # dense, not contiguous: stepped in place in memory order
+        data = torch.randn(list(reversed(shape)), generator=gen).to(device, dtype).t()
+    elif layout == "gapped":  # a strided slice: stepped through one update buffer
+        data = torch.randn(shape[0], 2 * shape[1], generator=gen).to(device, dtype)[:, ::2]
+    else:
+        data = torch.randn(shape, generator=gen).to(device, dtype)
+    return torch.nn.Parameter(data)
+
+
+def _grad(p, layout, gen, scale):
+    """A gradient over several orders of magnitude (exercises LogAndSign's clipping), some exact zeros."""
+    real = torch.view_as_real(p.detach()) if p.is_complex() else p.detach()
+    g = torch.randn(real.shape, generator=gen) * torch.exp(torch.empty(real.shape).uniform_(-9, 2, generator=gen))
+    g[torch.rand(real.shape, generator=gen) < 0.05] = 0.0
+    g = g * scale
+    if p.is_complex():
+        return torch.view_as_complex(g.contiguous()).to(p.device)
+    if layout == "grad_strided":  # a gradient with another memory layout than its parameter
+        return g.t().contiguous().t().to(device=p.device, dtype=p.dtype)
+    if layout == "transposed":  # autograd's gradient of a dense parameter has the parameter's strides
+        return torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=p.device).copy_(g)
+    return g.to(device=p.device, dtype=p.dtype)
+
+
+def build(spec: dict, backend: str, device: str):
+    if spec["config"]:
+        torch.manual_seed(0)
+        rule = learned_optim.build_rule(spec["rule"], spec["config"])
+    else:  # a (briefly) trained rule: a fresh L2O-DM's outputs nearly cancel, and then even the torch path is
+        # only ~2e-5 away from float64 (a trained one: ~3e-7)
+        rule = copy.deepcopy(imitation_trained_rule(spec["rule"], meta_steps=30))
+    gen = torch.Generator().manual_seed(1)
+    layouts = spec["layouts"] or ["contiguous"] * len(spec["shapes"])
+    params = [_make_param(s, lay, gen, _dtype(spec["param_dtype"]), device) for s, lay in zip(spec["shapes"], layouts)]
+    if spec["groups"]:
+        groups = [{"params": [params[i] for i in g["idx"]], **{k: v for k, v in g.items() if k != "idx"}}
+                  for g in spec["groups"]]
+    else:
+        groups = params
+    opt = learned_optim.LearnedOptimizer(groups, rule.to(device), lr=spec["lr"], maximize=spec["maximize"],
+                                         state_dtype=_dtype(spec["state_dtype"]), backend=backend)
+    return params, layouts, opt
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(||a - b|| / ||b||, max|a - b| / max|b|): the relative error of ``a`` against ``b``, in the 2-norm and
+    elementwise against the largest value."""
+    a, b = (torch.view_as_real(t) if t.is_complex() else t for t in (a, b))
+    a, b = a.detach().double().cpu().reshape(-1), b.detach().double().cpu().reshape(-1)
+    d = a - b
+    norm, top = b.norm().item(), b.abs().max().item()
+    return (d.norm().item() / norm if norm > 0 else d.norm().item(),
+            d.abs().max().item() / top if top > 0 else d.abs().max().item())
+
+
+def run_pair(spec: dict, device: str) -> dict:
+    """Step a torch-backend and a triton-backend optimizer on the same gradients; the worst relative error
+    of any step's update, and of the final state, over all tensors."""
+    saved_block = os.environ.pop("LEARNED_OPTIM_TRITON_BLOCK", None)
+    if spec["block"]:
+        os.environ["LEARNED_OPTIM_TRITON_BLOCK"] = str(spec["block"])
+    try:
+        return _run_pair(spec, device)
+    finally:
+        os.environ.pop("LEARNED_OPTIM_TRITON_BLOCK", None)
+        if saved_block is not None:
+            os.environ["LEARNED_OPTIM_TRITON_BLOCK"] = saved_block
+
+
+def _run_pair(spec: dict, device: str) -> dict:
+    import warnings
+
+    pa, layouts, oa = build(spec, "torch", device)
+    pb, _, ob = build(spec, "triton", device)
+    theta = [p.detach().clone() for p in pa]
+    gen = torch.Generator().manual_seed(2)
+    worst = {"update": 0.0, "param": 0.0, "state": 0.0, "update_max": 0.0, "param_max": 0.0, "state_max": 0.0}
+    steps_equal = True
+    for step in range(spec["steps"]):
+        for i, (a, b, lay) in enumerate(zip(pa, pb, layouts)):
+            if step < spec["late"].get(i, 0):
+                a.grad = b.grad = None
+                continue
+            g = _grad(a, lay, gen, 0.1)
+            if spec["nan_at"] is not None and spec["nan_at"] == [step, i]:
+                g.view(-1)[0] = float("nan")
+            a.grad, b.grad = g.clone(memory_format=torch.preserve_format), g.clone(memory_format=torch.preserve_format)
+        # even steps start from 0, so the parameter after the step is the update itself (lr * update rounded
+        # once); odd steps from the initial parameters, checking the in-place addition at its own scale
+        with torch.no_grad():
+            for a, b, t in zip(pa, pb, theta):
+                a.copy_(t if step % 2 else torch.zeros_like(t))
+                b.copy_(t if step % 2 else torch.zeros_like(t))
+                if spec["sync"] and a in oa.state:
+                    for key, value in oa.state[a].items():
+                        if key != "step":
+                            ob.state[b][key].copy_(value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the NaN case warns on both paths
+            oa.step()
+            ob.step()
+        for a, b in zip(pa, pb):
+            _worst(worst, "param" if step % 2 else "update", _rel(b.detach(), a.detach()))
+            sa, sb = oa.state.get(a, {}), ob.state.get(b, {})
+            assert sa.keys() == sb.keys(), (sa.keys(), sb.keys())
+            for key in sa:
+                if key == "step":
+                    steps_equal &= float(sa[key]) == float(sb[key])
+                else:
+                    assert sa[key].dtype == sb[key].dtype and sa[key].shape == sb[key].shape, key
+                    _worst(worst, "state", _rel(sb[key], sa[key]))
+    return {**worst, "steps_equal": steps_equal}
+
+
+def _worst(worst: dict, key: str, rel: tuple[float, float]) -> None:
+    worst[key] = max(worst[key], rel[0])
+    worst[f"{key}_max"] = max(worst[f"{key}_max"], rel[1])
+
+
+def state_dict_round_trip(device: str) -> dict:
+    """A state_dict saved from one backend loads into the other and the run continues as if uninterrupted."""
+    out = {}
+    for rule in ("dm", "rnnprop"):
+        spec = case(f"{rule}-sd", rule, shapes=[[21], [4, 3]])
+        ref, _, oref = build(spec, "torch", device)
+        start = [p.detach().clone() for p in ref]
+        gen = torch.Generator().manual_seed(5)
+        grads = [[_grad(p, None, gen, 0.1) for p in ref] for _ in range(8)]
+
+        def run(params, opt, steps):
+            for gs in steps:
+                for p, g in zip(params, gs):
+                    p.grad = g.clone()
+                opt.step()
+
+        run(ref, oref, grads)
+        worst = 0.0
+        for first, second in (("triton", "torch"), ("torch", "triton")):
+            p1, _, o1 = build(spec, first, device)
+            run(p1, o1, grads[:4])
+            saved = copy.deepcopy(o1.state_dict())
+            p2, _, o2 = build(spec, second, device)
+            with torch.no_grad():
+                for a, b in zip(p2, p1):
+                    a.copy_(b)
+            o2.load_state_dict(saved)
+            run(p2, o2, grads[4:])
+            for a, b, s in zip(p2, ref, start):
+                worst = max(worst, _rel(a.detach() - s, b.detach() - s)[0])
+            for a, b in zip(p2, ref):
+                for key in oref.state[b]:
+                    if key != "step":
+                        worst = max(worst, _rel(o2.state[a][key], oref.state[b][key])[0])
+                    elif float(o2.state[a][key]) != float(oref.state[b][key]):
+                        worst = float("inf")
+        out[rule] = worst
+    return out
+
+
+def worker() -> None:
+    """Entry point of the interpreter subprocess: every case, as one JSON line on stdout."""
+    assert kernels.interpreter_enabled()
+    torch.set_num_threads(1)
+    results = {}
+    for spec in INTERPRETER_CASES:
+        try:
+            start = time.perf_counter()
+            results[spec["name"]] = run_pair(spec, "cpu")
+            results[spec["name"]]["seconds"] = time.perf_counter() - start
+        except Exception as exc:  # reported per case by the tests
+            results[spec["name"]] = {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        results["state-dict-round-trip"] = state_dict_round_trip("cpu")
+    except Exception as exc:
+        results["state-dict-round-trip"] = {"error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(results))
+
+
+def check(spec: dict, result: dict) -> None:
+    assert "error" not in result, result.get("error")
+    assert result["steps_equal"], result
+    if spec["sync"] or spec["state_dtype"] in ("float32", "float64"):  # the same update from the same parameter
+        assert result["param"] <= PARAM_TOL[spec["param_dtype"]], result
+    if spec["sync"]:  # same state in: the update agrees to float32 precision, the stored state to one ulp
+        assert result["update_max"] <= FP32_TOL and result["state_max"] <= spec["tol"], result
+        return
+    assert result["update"] <= spec["tol"] and result["state"] <= spec["tol"], result
+    if spec["state_dtype"] in ("float32", "float64") and spec["param_dtype"] == "float32":
+        assert result["update_max"] <= spec["tol"] and result["state_max"] <= spec["tol"], result
+
+
+# ---------------------------------------------------------------------------------------------- CPU: interpreter
+@pytest.fixture(scope="module")
+def interpreted():
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    env.pop("LEARNED_OPTIM_TRITON_BLOCK", None)
+    proc = subprocess.run([sys.executable, __file__, "--worker"], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("spec", INTERPRETER_CASES, ids=lambda s: s["name"])
+def test_interpreted_kernel_matches_torch_path(interpreted, spec):
+    check(spec, interpreted[spec["name"]])
+
+
+def test_interpreted_state_dict_moves_between_backends(interpreted):
+    result = interpreted["state-dict-round-trip"]
+    assert "error" not in result, result.get("error")
+    for rule, worst in result.items():
+        assert worst <= FP32_TOL, (rule, worst)
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+def _params(device="cpu"):
+    return [torch.nn.Parameter(torch.randn(3, 4, device=device))]
+
+
+def test_backend_argument_is_checked():
+    with pytest.raises(ValueError, match="Invalid backend"):
+        learned_optim.L2ODM(_params(), learned_optim.build_rule("dm"), backend="cuda")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_backend_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if kernels.interpreter_enabled():
+        pytest.skip("the kernels were imported under TRITON_INTERPRET=1 in this process")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        learned_optim.RNNprop(_params(), learned_optim.build_rule("rnnprop"), backend="triton")
+
+
+def test_triton_backend_refuses_l2o_scale():
+    with pytest.raises(ValueError, match="no fused kernel for the 'scale' rule"):
+        learned_optim.L2OScale(_params(), learned_optim.build_rule("scale"), backend="triton")
+
+
+def test_auto_on_cpu_takes_the_torch_path_without_importing_the_kernel(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "lstm_step", lambda *a, **k: calls.append(1))
+    params = _params()
+    opt = learned_optim.L2ODM(params, learned_optim.build_rule("dm"))
+    assert opt.backend == "auto"
+    params[0].grad = torch.randn(3, 4)
+    opt.step()
+    assert calls == [] and opt.state[params[0]]["step"].device.type == "cpu"
+
+
+def test_backend_survives_pickling():
+    opt = learned_optim.L2ODM(_params(), learned_optim.build_rule("dm"), backend="torch")
+    assert copy.deepcopy(opt).backend == "torch"
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+def cuda_cases() -> list[dict]:
+    out = list(INTERPRETER_CASES)
+    for rule in ("dm", "rnnprop"):
+        # a 100k-coordinate matrix next to odd small tensors, and a network-like list of 300 tensors
+        out.append(case(f"{rule}-cuda-large", rule, steps=20, shapes=[[100, 1000], [3, 7], [1], [4097]]))
+        shapes = [[(64 << (i % 6)) // 64, 64] for i in range(300)]
+        out.append(case(f"{rule}-cuda-300-tensors", rule, steps=10, shapes=shapes, late={5: 2}))
+    return out
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("spec", cuda_cases(), ids=lambda s: s["name"])
+def test_cuda_kernel_matches_torch_path(spec):
+    if kernels.interpreter_enabled():
+        pytest.skip("TRITON_INTERPRET=1 in this process")
+    check(spec, run_pair(spec, "cuda"))
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_state_dict_moves_between_backends():
+    for rule, worst in state_dict_round_trip("cuda").items():
+        assert worst <= FP32_TOL, (rule, worst)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_auto_uses_the_kernel_and_keeps_steps_on_the_device(monkeypatch):
+    real = kernels.lstm_step
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "lstm_step", spy)
+    params = _params("cuda")
+    opt = learned_optim.RNNprop(params, learned_optim.build_rule("rnnprop").cuda())
+    params[0].grad = torch.randn(3, 4, device="cuda")
+    opt.step()
+    assert calls == [1] and opt.state[params[0]]["step"].device.type == "cuda"
+    scale = learned_optim.L2OScale(_params("cuda"), learned_optim.build_rule("scale").cuda())
+    scale.param_groups[0]["params"][0].grad = torch.randn(3, 4, device="cuda")
+    scale.step()
+    assert calls == [1]  # L2O-Scale stays on the torch path
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    worker()
