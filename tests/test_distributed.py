@@ -17,6 +17,9 @@ import pytest
 import torch
 from torch import nn
 
+if not torch.distributed.is_available():  # pragma: no cover
+    pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
+
 REPO = Path(__file__).resolve().parent.parent
 NAMES = ["dm", "rnnprop", "scale"]
 STEPS = 20  # DDP runs (bit for bit)
