@@ -8,11 +8,15 @@ random values once; only ``opt.step()`` is timed. Rules are freshly initialised 
 cost does not depend on the trained values.
 
 Also measured, in the same rounds: the "GEMM floor" of each rule (its bare matrix products, with
-preallocated outputs, on random feature-major inputs of the same sizes, chunked like the optimizer);
-after the timing, per optimizer: the peak temporary memory of one step (torch profiler allocation
-events, see ``memory_method`` in the JSON) and the state bytes per parameter.
+preallocated outputs, on random feature-major inputs of the same sizes, chunked like the optimizer)
+and, on CUDA (or with ``--bandwidth-floor on``), the "bandwidth floor" of each optimizer: a device
+copy moving the bytes its step must read and write (parameter, gradient and state read; parameter
+and state written); after the timing, per optimizer: the peak temporary memory of one step (torch
+profiler allocation events, see ``memory_method`` in the JSON) and the state bytes per parameter.
+``--backends torch,triton`` times L2O-DM and RNNprop once per backend (``dm[torch]``, ``dm[triton]``).
 
     python benchmarks/step.py --sizes 10k,100k,1M --repeats 10 --out benchmarks/results/step.json
+    python benchmarks/step.py --device cuda --sizes 1M,10M --backends torch,triton --out results/gpu/step.json
 
 Prints the JSON (schema in benchmarks/README.md); ``--out`` also writes it.
 """
@@ -28,6 +32,7 @@ import platform
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -37,9 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import learned_optim  # noqa: E402
 
-SIZES = {"10k": 10_000, "100k": 100_000, "1M": 1_000_000, "10M": 10_000_000}
+SIZES = {"10k": 10_000, "100k": 100_000, "1M": 1_000_000, "10M": 10_000_000, "100M": 100_000_000}
 SMALL_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # "many": cycled, each a (k, 64) tensor
 LEARNED = {"dm": learned_optim.L2ODM, "rnnprop": learned_optim.RNNprop, "scale": learned_optim.L2OScale}
+FUSED = ("dm", "rnnprop")  # the rules with a Triton kernel (learned_optim.kernels); L2O-Scale: torch path only
+FLOOR_PIECE = 1 << 30  # bytes per device copy of the bandwidth floor (bounded buffers at any model size)
 
 # multiply-adds of each rule's matrix products, x2 = flops
 FLOPS_PER_COORD = {
@@ -185,11 +192,61 @@ _STATE_B = {"adam": 8, "dm": 320, "rnnprop": 328, "scale": 84, "dm_bf16": 160}
 
 
 def estimate_bytes(n: int, names: list[str], chunk_size: int) -> int:
+    names = [base_name(k) for k in names]
     params = 8 * n * len(names)  # each optimizer's own parameters + gradients
     state = sum(_STATE_B[k] * n for k in names)
     temp = max([4 * n] + [800 * n if k == "scale" else 1200 * min(n, chunk_size) for k in names if k != "adam"])
     floors = 57 * 4 * min(n, SCALE_FLOOR_PIECE) if "scale" in names else 0
     return int(1.1 * (params + state + temp + floors)) + (256 << 20)
+
+
+def base_name(name: str) -> str:
+    """'dm[triton]' -> 'dm'."""
+    return name.split("[", 1)[0]
+
+
+def optimizer_names(models: list[str], backends: list[str], size: str, args) -> list[tuple[str, str, str]]:
+    """(name, rule, backend) of every optimizer timed at ``size``."""
+    out = []
+    for m in models:
+        if m not in FUSED or backends == ["auto"]:
+            out.append((m, m, "auto"))
+            continue
+        for b in backends:
+            if b == "torch" and args.torch_max_size and SIZES[size] > SIZES[args.torch_max_size]:
+                continue
+            out.append((f"{m}[{b}]", m, b))
+    if args.bf16_size == size and "dm" in models:
+        for b in (["auto"] if backends == ["auto"] else backends):
+            if b == "torch" and args.torch_max_size and SIZES[size] > SIZES[args.torch_max_size]:
+                continue
+            out.append(("dm_bf16" if b == "auto" else f"dm_bf16[{b}]", "dm_bf16", b))
+    return out
+
+
+def traffic_bytes(opt: torch.optim.Optimizer) -> dict:
+    """Bytes one step must move at the least: read parameter, gradient and state, write parameter and state."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    p_bytes = sum(p.nbytes for p in params)
+    g_bytes = sum(p.grad.nbytes for p in params if p.grad is not None)
+    s_bytes = state_bytes(opt)
+    return {"read": p_bytes + g_bytes + s_bytes, "write": p_bytes + s_bytes}
+
+
+def bandwidth_floor(total_bytes: int, device: torch.device, buffers: dict) -> Callable[[], None]:
+    """A device copy that reads and writes ``total_bytes`` in all (total/2 copied), in pieces of FLOOR_PIECE."""
+    half = total_bytes // 2
+    pieces = [FLOOR_PIECE] * (half // FLOOR_PIECE) + ([half % FLOOR_PIECE] if half % FLOOR_PIECE else [])
+    if "src" not in buffers:
+        size = min(max(pieces, default=0), FLOOR_PIECE)
+        buffers["src"] = torch.ones(size, dtype=torch.uint8, device=device)
+        buffers["dst"] = torch.empty(size, dtype=torch.uint8, device=device)
+    src, dst = buffers["src"], buffers["dst"]
+
+    def run():
+        for c in pieces:
+            dst[:c].copy_(src[:c])
+    return run
 
 
 # ---------------------------------------------------------------------- GEMM floors
@@ -239,32 +296,57 @@ def gemm_floor(rule: str, n: int, num_tensors: int, chunk_size: int, device: tor
     return run
 
 
+def _triton_launch(device: torch.device) -> dict | None:
+    """The fused kernels' launch configuration (BLOCK, num_warps, tl.dot precision), when they can run."""
+    from learned_optim import kernels
+
+    if device.type != "cuda" or not kernels.triton_available():
+        return None
+    from learned_optim.kernels import lstm
+
+    return lstm.launch_config()
+
+
 # ---------------------------------------------------------------------- one (size, shape) case
 def run_case(size: str, shape: str, args, device: torch.device) -> dict:
     n = SIZES[size]
     shapes = layout(n, shape)
-    names = ["adam"] + list(args.models)
-    if args.bf16_size == size and "dm" in args.models:
-        names.append("dm_bf16")
-    need, avail = estimate_bytes(n, names, args.chunk_size), mem_available()
-    if device.type == "cpu" and avail is not None and need > avail and not args.force:
-        msg = (f"skipped: needs ~{need / 2**30:.1f} GiB (all optimizers alive at once), MemAvailable "
+    specs = [("adam", "adam", "auto")] + optimizer_names(args.models, args.backends, size, args)
+    names = [name for name, _, _ in specs]
+    need = estimate_bytes(n, names, args.chunk_size) + (2 * FLOOR_PIECE if args.floor else 0)
+    avail = mem_available() if device.type == "cpu" else torch.cuda.mem_get_info(device)[0]
+    if avail is not None and need > avail and not args.force:
+        where = "MemAvailable" if device.type == "cpu" else "free device memory"
+        msg = (f"skipped: needs ~{need / 2**30:.1f} GiB (all optimizers alive at once), {where} "
                f"{avail / 2**30:.1f} GiB; --force to run anyway, or fewer --models")
         print(f"# {size} {shape}: {msg}", file=sys.stderr, flush=True)
         return {"size": size, "n_params": n, "shape": shape, "n_tensors": len(shapes), "skipped": msg}
     opts: dict[str, torch.optim.Optimizer] = {}
-    for name in names:
-        params = make_params(shapes, device, seed=args.seed, grad_std=args.grad_std)
-        if name == "adam":
-            opts[name] = torch.optim.Adam(params, lr=1e-3, foreach=True)
-        elif name == "dm_bf16":
-            opts[name] = learned_optim.L2ODM(params, chunk_size=args.chunk_size, state_dtype=torch.bfloat16)
-        else:
-            opts[name] = LEARNED[name](params, chunk_size=args.chunk_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "untrained rule": speed does not depend on the weights
+        for name, rule, backend in specs:
+            params = make_params(shapes, device, seed=args.seed, grad_std=args.grad_std)
+            if name == "adam":
+                opts[name] = torch.optim.Adam(params, lr=1e-3, foreach=True)
+            elif rule == "dm_bf16":
+                opts[name] = learned_optim.L2ODM(params, chunk_size=args.chunk_size, state_dtype=torch.bfloat16,
+                                                 backend=backend)
+            else:
+                opts[name] = LEARNED[rule](params, chunk_size=args.chunk_size, backend=backend)
     fns: dict[str, Callable[[], None]] = {name: opt.step for name, opt in opts.items()}
     for m in args.models:
         if not args.no_gemm_floor:
             fns[f"gemm:{m}"] = gemm_floor(m, n, len(shapes), args.chunk_size, device)
+    floor_of: dict[str, str] = {}
+    if args.floor:
+        buffers: dict = {}
+        for name, opt in opts.items():
+            opt.step()  # creates the state, whose bytes are part of the traffic
+            traffic = traffic_bytes(opt)
+            key = f"floor:{traffic['read'] + traffic['write']}"
+            floor_of[name] = key
+            if key not in fns:
+                fns[key] = bandwidth_floor(traffic["read"] + traffic["write"], device, buffers)
     keys = list(fns)
     times: dict[str, list[float]] = {k: [] for k in keys}
     usage = {k: [0.0, 0.0, 0] for k in keys}  # user s, sys s, minor page faults over the timed runs
@@ -287,12 +369,20 @@ def run_case(size: str, shape: str, args, device: torch.device) -> dict:
             sync(device)
             ru0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
-            fns[k]()
+            if device.type == "cuda":
+                events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                events[0].record()
+                fns[k]()
+                events[1].record()
+                events[1].synchronize()
+            else:
+                fns[k]()
             sync(device)
             t1 = time.perf_counter()
             ru1 = resource.getrusage(resource.RUSAGE_SELF)
             if r >= args.warmup:
-                times[k].append(t1 - t0)
+                # CUDA: device time between two events around the call (host gaps inside the step included)
+                times[k].append(events[0].elapsed_time(events[1]) / 1e3 if device.type == "cuda" else t1 - t0)
                 u = usage[k]
                 u[0] += ru1.ru_utime - ru0.ru_utime
                 u[1] += ru1.ru_stime - ru0.ru_stime
@@ -308,12 +398,21 @@ def run_case(size: str, shape: str, args, device: torch.device) -> dict:
         sb = state_bytes(opt)
         entry["state_bytes"] = sb
         entry["state_bytes_per_param"] = sb / n
-        rule = "dm" if name == "dm_bf16" else name
+        rule = "dm" if base_name(name) == "dm_bf16" else base_name(name)
+        if name in floor_of:
+            traffic = traffic_bytes(opt)
+            floor = summary(times[floor_of[name]])
+            floor["bytes_read"], floor["bytes_written"] = traffic["read"], traffic["write"]
+            floor["bytes_per_param"] = (traffic["read"] + traffic["write"]) / n
+            floor["gb_per_s"] = (traffic["read"] + traffic["write"]) / (floor["median_ms"] * 1e-3) / 1e9
+            entry["bandwidth_floor"] = floor
+            entry["step_over_bandwidth_floor"] = entry["median_ms"] / floor["median_ms"]
+        entry["backend"] = getattr(opt, "backend", None)
         if rule in FLOPS_PER_COORD:
             flops = FLOPS_PER_COORD[rule] * n + FLOPS_PER_TENSOR[rule] * len(shapes)
             entry["rule_gflop"] = flops / 1e9
             entry["gflops_per_s"] = flops / (entry["median_ms"] * 1e-3) / 1e9
-            if f"gemm:{rule}" in times:
+            if f"gemm:{rule}" in times and not args.no_gemm_floor:
                 floor = summary(times[f"gemm:{rule}"])
                 floor.update(usage_summary(usage[f"gemm:{rule}"], args.repeats))
                 floor["gflops_per_s"] = flops / (floor["median_ms"] * 1e-3) / 1e9
@@ -331,7 +430,7 @@ def run_case(size: str, shape: str, args, device: torch.device) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default=",".join(SIZES), help="comma list of 10k,100k,1M,10M (default: all)")
+    ap.add_argument("--sizes", default="10k,100k,1M,10M", help="comma list of 10k,100k,1M,10M,100M (default: up to 10M)")
     ap.add_argument("--shapes", default="matrix,many", help="comma list of matrix,many")
     ap.add_argument("--models", default="dm,rnnprop,scale", help="learned optimizers to time next to Adam")
     ap.add_argument("--repeats", type=int, default=10, help="timed steps per optimizer (default 10)")
@@ -344,6 +443,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--backends", default="auto",
+                    help="comma list of auto,torch,triton: L2O-DM and RNNprop once per backend (default auto)")
+    ap.add_argument("--torch-max-size", default=None,
+                    help="largest size at which the torch backend of L2O-DM / RNNprop is timed (e.g. 10M)")
+    ap.add_argument("--bandwidth-floor", default="auto", choices=["auto", "on", "off"],
+                    help="time a device copy of each step's bytes (auto: on CUDA only)")
     ap.add_argument("--no-memory", action="store_true", help="skip the profiler memory measurement")
     ap.add_argument("--no-gemm-floor", action="store_true")
     ap.add_argument("--force", action="store_true", help="run a case even if it looks too big for MemAvailable")
@@ -358,6 +463,12 @@ def main(argv=None) -> dict:
     if args.warmup < 0 or args.repeats < 1:
         raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for b in args.backends:
+        if b not in ("auto", "torch", "triton"):
+            raise SystemExit(f"unknown backend {b!r}; choose from auto,torch,triton")
+    if args.torch_max_size is not None and args.torch_max_size not in SIZES:
+        raise SystemExit(f"unknown --torch-max-size {args.torch_max_size!r}")
     for m in args.models:
         if m not in LEARNED:
             raise SystemExit(f"unknown model {m!r}; choose from {','.join(LEARNED)}")
@@ -368,6 +479,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
+    args.floor = args.bandwidth_floor == "on" or (args.bandwidth_floor == "auto" and device.type == "cuda")
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
     out = {"benchmark": "step", "schema_version": 1, "env": env_info(device),
@@ -375,10 +487,19 @@ def main(argv=None) -> dict:
            "config": {"sizes": parse_sizes(args.sizes), "shapes": shapes, "models": args.models,
                       "repeats": args.repeats, "warmup": args.warmup, "chunk_size": args.chunk_size,
                       "bf16_size": args.bf16_size or None, "grad_std": args.grad_std, "seed": args.seed,
+                      "backends": args.backends, "torch_max_size": args.torch_max_size,
+                      "triton_launch": _triton_launch(device),
+                      "bandwidth_floor": ("a device copy (tensor.copy_ in pieces of 1 GiB) of half the bytes one step "
+                                          "must read plus write, so that it reads and writes that many in all: "
+                                          "parameters + gradients + optimizer state read, parameters + state "
+                                          "written (sizes from the optimizer after its first step); timed in the "
+                                          "same rounds") if args.floor else None,
                       "matrix_layout": "one (n/1000, 1000) tensor",
                       "many_layout": f"tensors of {SMALL_SIZES} elements cycled (each (k, 64)), last one "
                                      "truncated so they add up to n",
-                      "timing": "perf_counter around opt.step() only; every round steps each optimizer and "
+                      "timing": ("CUDA: torch.cuda.Event pair around opt.step() (device time, host gaps inside the "
+                                 "step included), synchronized; CPU: " if device.type == "cuda" else "") +
+                                "perf_counter around opt.step() only; every round steps each optimizer and "
                                 "GEMM floor once, order rotated between rounds; each optimizer owns its own copy "
                                 "of the parameters and fixed random gradients",
                       "gemm_floor": "torch.mm of the rule's weight matrices with random feature-major inputs "
@@ -401,6 +522,9 @@ def main(argv=None) -> dict:
             case = run_case(size, shape, args, device)
             case["wall_s"] = time.perf_counter() - t0
             out["results"].append(case)
+            if args.out:  # partial results survive an interrupted run
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
             if "skipped" in case:
                 continue
             print(f"# {size} {shape}: " + ", ".join(f"{k} {v['median_ms']:.3g} ms"
