@@ -65,6 +65,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import curves as curve_store
 from .cli import ArgumentParser
 
 TAIL = 100  # steps averaged for the final loss
@@ -372,18 +373,26 @@ def run_seeds(spec: RunSpec, seeds: Sequence[int],
 
 
 # ----------------------------------------------------------------------------------- summaries
-def seed_final(losses: Sequence[float | None], steps: int, tail: int = TAIL) -> tuple[float | None, bool]:
-    """(ln of the mean loss of the last ``min(tail, steps)`` steps or ``None`` for NaN/Inf, diverged?)."""
-    if len(losses) < steps or any(v is None for v in losses):
+def seed_final(losses: Sequence[float | None], steps: int, tail: int = TAIL,
+               length: int | None = None) -> tuple[float | None, bool]:
+    """(ln of the mean loss of the last ``min(tail, steps)`` steps or ``None`` for NaN/Inf, diverged?).
+
+    ``losses`` is a full curve, or a thinned one (:mod:`meta_train.curves`: it keeps the initial loss and the
+    last losses whole, and a NaN/Inf ends it) with ``length`` the full curve's length."""
+    length = len(losses) if length is None else length
+    if length < steps or any(v is None for v in losses):
         return None, True
     window = losses[-min(tail, steps):]
     mean = sum(window) / len(window)
     return math.log(max(mean, LN_FLOOR_LOSS)), mean > losses[0]
 
 
-def summarize(curves: Sequence[Sequence[float | None]], steps: int, tail: int = TAIL) -> dict[str, Any]:
-    """Per-seed final ln losses and their mean/std over seeds, divergence counts."""
-    finals, flags = zip(*(seed_final(c, steps, tail) for c in curves)) if curves else ((), ())
+def summarize(curves: Sequence[Sequence[float | None]], steps: int, tail: int = TAIL,
+              lengths: Sequence[int] | None = None) -> dict[str, Any]:
+    """Per-seed final ln losses and their mean/std over seeds, divergence counts (``lengths``: of thinned
+    curves)."""
+    lengths = [len(c) for c in curves] if lengths is None else lengths
+    finals, flags = zip(*(seed_final(c, steps, tail, n) for c, n in zip(curves, lengths))) if curves else ((), ())
     finite = [f for f in finals if f is not None]
     return {"final_ln_loss": list(finals),
             "final_ln_loss_mean": statistics.fmean(finite) if finite else None,
@@ -444,9 +453,10 @@ def load_finished(out: Path, spec: RunSpec) -> dict[int, dict[str, Any]]:
         result = _read_json(path)
         if not result or result.get("fingerprint") != fp:
             continue
-        for seed, losses, seconds in zip(result["seeds"], result["losses"], result["seconds_per_seed"]):
+        for seed, losses, seconds, length in zip(result["seeds"], result["losses"], result["seconds_per_seed"],
+                                                 curve_store.lengths(result)):
             if seed in spec.seeds and seed not in done:
-                done[seed] = {"seed": seed, "losses": losses, "seconds": seconds}
+                done[seed] = {"seed": seed, "losses": losses, "seconds": seconds, "length": length}
     for seed in spec.seeds:
         record = _read_json(partial_path(out, spec, seed))
         if seed not in done and record and record.get("fingerprint") == fp:
@@ -474,19 +484,24 @@ def build_result(spec: RunSpec, records: dict[int, dict[str, Any]], *, wall_seco
     """The result JSON of a finished run (every seed in ``records``)."""
     import learned_optim
 
-    curves = [records[s]["losses"] for s in spec.seeds]
+    # stored thinned (meta_train.curves): every 20th loss and the last 100 whole keep every number of the summary
+    lengths = [records[s].get("length", len(records[s]["losses"])) for s in spec.seeds]
+    thinned = [records[s]["losses"] if "length" in records[s] else curve_store.thin(records[s]["losses"])
+               for s in spec.seeds]
     seconds = [records[s]["seconds"] for s in spec.seeds]
-    summary = summarize(curves, spec.steps)
+    summary = summarize(thinned, spec.steps, lengths=lengths)
     return {"type": "evaluation", "optimizer": spec.optimizer, "label": spec.label, "rule": spec.rule,
             "weights_path": portable_path(spec.weights_path), "weights_sha256": spec.weights_sha256,
             "weights_digest": spec.weights_digest, "task": spec.task,
             "dataset": spec.data_tag, "split": "test", "lr": spec.lr, "grid_point": spec.grid_point,
             "steps": spec.steps, "tail": min(TAIL, spec.steps), "seeds": list(spec.seeds), **summary,
-            "diverged_seeds": [s for s, c in zip(spec.seeds, curves) if seed_final(c, spec.steps)[1]],
+            "diverged_seeds": [s for s, c, n in zip(spec.seeds, thinned, lengths) if seed_final(c, spec.steps,
+                                                                                                  length=n)[1]],
             "seconds": sum(seconds), "seconds_per_seed": seconds, "wall_seconds": wall_seconds,
             "torch_version": torch.__version__, "learned_optim_version": learned_optim.__version__,
             "device": spec.device, "command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "fingerprint": spec.fingerprint(), "losses": curves}
+            "fingerprint": spec.fingerprint(),
+            "curves": {"every": curve_store.EVERY, "tail": curve_store.TAIL, "lengths": lengths}, "losses": thinned}
 
 
 def finish_run(out: Path, spec: RunSpec, records: dict[int, dict[str, Any]], *, wall_seconds: float,
@@ -689,15 +704,20 @@ def runs_to_plot(out: str | os.PathLike, task: str) -> list[dict[str, Any]]:
     return runs
 
 
-def ln_curve_stats(curves: Sequence[Sequence[float | None]], steps: int, window: int):
+def ln_curve_stats(curves: Sequence[Sequence[float | None]], steps: int, window: int,
+                   positions: Sequence[Sequence[int]] | None = None):
     """(x, mean, std) of ln loss over seeds, each curve first averaged over windows of ``window`` steps.
-    Steps after a NaN/Inf are missing and ignored."""
+    Steps after a NaN/Inf are missing and ignored; so are the steps a thinned curve left out (``positions``: the
+    steps of each curve's values, :func:`meta_train.curves.points`)."""
     import numpy as np
 
     arr = np.full((len(curves), steps), np.nan)
     for i, c in enumerate(curves):
         vals = np.array([np.nan if v is None else v for v in c], dtype=float)
-        arr[i, :len(vals)] = vals
+        if positions is None:
+            arr[i, :len(vals)] = vals
+        else:
+            arr[i, np.asarray(positions[i], dtype=int)] = vals
     with np.errstate(divide="ignore", invalid="ignore"):
         ln = np.log(np.maximum(arr, LN_FLOOR_LOSS))
     n_bins = math.ceil(steps / window)
@@ -713,6 +733,12 @@ def ln_curve_stats(curves: Sequence[Sequence[float | None]], steps: int, window:
     return x, mean, std
 
 
+def plot_window(result: dict[str, Any]) -> int:
+    """Steps averaged per plotted point: ``steps / PLOT_POINTS``, at least the spacing of a thinned curve."""
+    every = result["curves"]["every"] if curve_store.is_thinned(result) else 1
+    return max(1, math.ceil(result["steps"] / PLOT_POINTS), every)
+
+
 def plot_task(out: str | os.PathLike, task: str) -> Path | None:
     """``{out}/{task}.png``: ln loss vs step, mean +- std over seeds per optimizer (like the paper's Fig. 2)."""
     runs = runs_to_plot(out, task)
@@ -726,7 +752,8 @@ def plot_task(out: str | os.PathLike, task: str) -> Path | None:
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = plt.get_cmap("tab20").colors  # 20 distinct colours; baselines dashed
     for i, r in enumerate(sorted(runs, key=lambda r: (r["rule"] is None, r["label"]))):
-        x, mean, std = ln_curve_stats(r["losses"], r["steps"], max(1, math.ceil(r["steps"] / PLOT_POINTS)))
+        steps_of = [curve_store.points(r, i)[0] for i in range(len(r["losses"]))]
+        x, mean, std = ln_curve_stats(r["losses"], r["steps"], plot_window(r), positions=steps_of)
         name = r["label"] + (f" (lr {r['lr']:g})" if r["rule"] is None or r["grid_point"] else "")
         if r["diverged"]:
             name += f" [{r['diverged']}/{len(r['seeds'])} diverged]"

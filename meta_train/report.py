@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from . import curves as curve_store
 from .cli import ArgumentParser
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -161,7 +162,7 @@ def results_markdown(results_dir: str | os.PathLike, digests: dict[str, str] | N
 
 
 # The paper's released weights, run through a faithful PyTorch port on this protocol (MLP-orig, 10k steps):
-# reference values quoted from the project's issue 5, not measured here.
+# reference values, not measured here.
 RELEASED_MLP_ORIG = {"dm": 0.1, "dm-cl": -4.3, "dm-il": -3.2, "dm-cl-il": -5.6, "rnnprop": -11.0,
                      "rnnprop-cl-il": -9.8}
 
@@ -193,25 +194,27 @@ DEGRADE_NATS = 0.5  # claim (a): how far above its lowest point a smoothed curve
 TRANSFER_MODELS = ("dm-cl-il", "rnnprop-cl-il", "scale-cl-il")
 
 
-def smoothed_ln_curve(curves: list[list[float | None]], window: int = 100) -> list[tuple[int, float]]:
+def smoothed_ln_curve(result: dict[str, Any], window: int = 100) -> list[tuple[int, float]]:
     """(step, mean over seeds of ln(mean loss of the window ending at step)) at every full window that all
-    seeds reached with finite losses (the window shrinks to the curve length for short curves)."""
-    length = min(len(c) for c in curves)
+    seeds reached with finite losses (the window shrinks to the curve length for short curves). A thinned curve
+    (:mod:`meta_train.curves`) averages the losses it kept in each window."""
+    seeds = [curve_store.points(result, i) for i in range(len(result["losses"]))]
+    length = min(curve_store.lengths(result))
     window = max(1, min(window, length))
     out = []
     for end in range(window, length + 1, window):
         values = []
-        for c in curves:
-            chunk = c[end - window:end]
-            if any(x is None or not math.isfinite(x) for x in chunk):
+        for steps, losses in seeds:
+            chunk = [v for t, v in zip(steps, losses) if end - window <= t < end]
+            if not chunk or any(x is None or not math.isfinite(x) for x in chunk):
                 return out
-            values.append(math.log(sum(chunk) / window))
+            values.append(math.log(sum(chunk) / len(chunk)))
         out.append((end, sum(values) / len(values)))
     return out
 
 
 def claims_markdown(cells: dict[tuple[str, str], dict[str, Any]]) -> str:
-    """The paper's claims (issue 5), each with the measured numbers and whether it held."""
+    """The paper's claims, each with the measured numbers and whether it held."""
     def v(label: str, task: str = "mlp-orig") -> float | None:
         return _value(cells, task, label)
 
@@ -222,7 +225,7 @@ def claims_markdown(cells: dict[tuple[str, str], dict[str, Any]]) -> str:
     if dm is None:
         lines.append(f"- (a) vanilla L2O-DM degrades or diverges at long horizons: {_verdict(None)}")
     else:
-        curve = smoothed_ln_curve(dm["losses"])
+        curve = smoothed_ln_curve(dm)
         if curve:
             low = min(range(len(curve)), key=lambda i: curve[i][1])
             held = dm["diverged"] > 0 or curve[-1][1] - curve[low][1] > DEGRADE_NATS
@@ -296,10 +299,165 @@ def claims_markdown(cells: dict[tuple[str, str], dict[str, Any]]) -> str:
             oks.append(ours <= released)
         rows.append(f"{name} {_fmt(ours)} vs released {released:+.1f}")
     lines.append("- (f) each of our weights at least as good as the paper's released weights of the same name "
-                 "(released values from a PyTorch port, quoted from issue 5, not re-measured here): "
+                 "(released values measured with a PyTorch port of the paper's code, not re-measured here): "
                  + "; ".join(rows) + ": "
                  + (_verdict(None) if not oks else f"**held for {sum(oks)} of {len(oks)} measured**"))
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------- README, docs, figure
+FIGURE_LEARNED = ("rnnprop", "rnnprop-cl-il", "dm-cl-il")  # the learned optimizers drawn in the figure
+
+
+def _rank_key(result: dict[str, Any]) -> tuple:
+    """Sort key of "best": no diverged seed first, then the lowest mean final ln loss."""
+    mean = result.get("final_ln_loss_mean")
+    return (result.get("diverged", 0) > 0, math.inf if mean is None else mean)
+
+
+def best_per_task(cells: dict[tuple[str, str], dict[str, Any]]) -> dict[str, tuple[dict | None, dict | None]]:
+    """{task: (best learned result, best tuned baseline result)}: learned = bundled names evaluated at lr 1."""
+    out = {}
+    for task in _order_tasks({t for t, _ in cells}):
+        learned = [r for (t, _), r in cells.items() if t == task and r.get("rule") is not None and r.get("lr") == 1.0]
+        tuned = [r for (t, label), r in cells.items() if t == task and label in BASELINE_ORDER]
+        out[task] = (min(learned, key=_rank_key) if learned else None, min(tuned, key=_rank_key) if tuned else None)
+    return out
+
+
+def _seeds_won(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
+    """``k/n``: seeds (same initialisation and batches) on which ``ours`` ends below ``theirs``."""
+    mine = dict(zip(ours["seeds"], ours["final_ln_loss"]))
+    other = dict(zip(theirs["seeds"], theirs["final_ln_loss"]))
+    common = [s for s in mine if s in other]
+    wins = sum(mine[s] is not None and (other[s] is None or mine[s] < other[s]) for s in common)
+    return f"{wins}/{len(common)}"
+
+
+def _short(result: dict[str, Any] | None, baseline: bool = False) -> str:
+    if result is None:
+        return "–"
+    mean, std = result["final_ln_loss_mean"], result["final_ln_loss_std"]
+    text = "NaN/Inf" if mean is None else f"{mean:.2f} ± {std:.2f}"
+    if result["diverged"]:
+        text += f" ({result['diverged']}/{len(result['seeds'])} diverged)"
+    return text
+
+
+def summary_markdown(cells: dict[tuple[str, str], dict[str, Any]], figure: str | None) -> str:
+    """The README's results: the figure and, per task, the best learned optimizer against the best tuned one."""
+    protocol = Counter((r["steps"], len(r["seeds"])) for r in cells.values()).most_common(1)[0][0]
+    lines = []
+    if figure:
+        lines += [f"![ln training loss of learned optimizers and grid-tuned baselines on every task]({figure})", ""]
+    lines += [f"ln of the final training loss (mean of the last 100 of {protocol[0]:,} steps), mean ± std over "
+              f"{protocol[1]} seeds; lower is better. Learned optimizers at `lr=1`; baselines at the best lr of a "
+              "grid search on the same protocol. \"Seeds won\": seeds (same initialisation and batches) on which "
+              "the learned optimizer ends lower.", "",
+              "| task | best learned optimizer | ln loss | best tuned baseline | ln loss | seeds won |",
+              "|---|---|---|---|---|---|"]
+    for task, (ours, theirs) in best_per_task(cells).items():
+        won = _seeds_won(ours, theirs) if ours and theirs else "–"
+        name = f"`{ours['label']}`" if ours else "–"
+        base = f"{theirs['label']} (lr {theirs['lr']:g})" if theirs else "–"
+        lines.append(f"| {task} | {name} | {_short(ours)} | {base} | {_short(theirs)} | {won} |")
+    return "\n".join(lines) + "\n"
+
+
+def results_figure(cells: dict[tuple[str, str], dict[str, Any]], path: str | os.PathLike,
+                   learned: tuple[str, ...] = FIGURE_LEARNED) -> Path:
+    """One panel per task: ln loss against step, mean over seeds, of ``learned`` (solid) and of the selected
+    tuned baselines (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .evaluate import ln_curve_stats, plot_window
+
+    tasks = _order_tasks({t for t, _ in cells})
+    cols = 4
+    rows = math.ceil((len(tasks) + 1) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    labels = [*learned, *BASELINE_ORDER]
+    colors = dict(zip(labels, plt.get_cmap("tab10").colors))
+    handles = {}
+    for ax, task in zip(axes.flat, tasks):
+        for label in labels:
+            result = cells.get((task, label))
+            if result is None:
+                continue
+            steps = result["steps"]
+            positions = [curve_store.points(result, i)[0] for i in range(len(result["losses"]))]
+            x, mean, _ = ln_curve_stats(result["losses"], steps, plot_window(result), positions)
+            name = label if result.get("rule") is not None else f"{label} (tuned)"
+            (line,) = ax.plot(x, mean, lw=1.3, color=colors[label], ls="-" if result.get("rule") else "--")
+            handles[name] = line
+        ax.set_title(task, fontsize=10)
+        ax.tick_params(labelsize=8)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("ln training loss", fontsize=8)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    list(axes.flat)[-1].legend(handles.values(), handles.keys(), loc="center", fontsize=9, frameon=False)
+    fig.suptitle("Learned optimizers (lr=1) against grid-tuned baselines: ln training loss, mean over seeds",
+                 fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def weights_markdown(cells: dict[tuple[str, str], dict[str, Any]]) -> str:
+    """docs/weights.md: every bundled name, its recipe, and the tasks on which it is the best learned optimizer."""
+    from learned_optim.weights import read_metadata, recipe_summary, registry, resolve_weights
+
+    best = {task: ours["label"] for task, (ours, _) in best_per_task(cells).items() if ours}
+    wins: dict[str, list[str]] = {}
+    for task, label in best.items():
+        wins.setdefault(label, []).append(task)
+    names = sorted(registry())
+    recommended = max(names, key=lambda n: (len(wins.get(n, [])), -(_value(cells, "mlp-orig", n) or math.inf)))
+    cls = {"dm": "L2ODM", "rnnprop": "RNNprop", "scale": "L2OScale"}
+    lines = ["# Bundled weights", "",
+             "<!-- Generated by `python -m meta_train.report results --docs docs`: edit the generator, not this "
+             "file. -->", "",
+             "Every file was meta-trained by this repository's `meta_train` on MNIST (MLP-orig, training split); "
+             "the model card next to it (`pretrained/NAME.md`, or `learned_optim.model_card(NAME)`) has the exact "
+             "recipe, the stage reached and the evaluation summaries. Numbers: ln of the final training loss, "
+             "10,000 steps, mean over 10 seeds, at `lr=1` (docs/reproduction.md has every task and optimizer).", "",
+             f"**Start with `{recommended}`**: it is the best learned optimizer on the most tasks "
+             f"({', '.join(wins.get(recommended, [])) or 'none measured'}).", "",
+             "| name | class | recipe | MLP-orig | best learned optimizer on |", "|---|---|---|---|---|"]
+    for name in names:
+        meta = read_metadata(resolve_weights(name))
+        value = _value(cells, "mlp-orig", name)
+        lines.append(f"| `{name}` | `{cls[meta['rule']]}` | {recipe_summary(meta['recipe'])} | {_fmt(value)} | "
+                     f"{', '.join(wins.get(name, [])) or '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+REPRODUCTION_HEAD = """# Reproduction: the paper's protocol on our weights
+
+<!-- Generated by `python -m meta_train.report results --docs docs`: edit the generator, not this file. -->
+
+*Training Stronger Baselines for Learning to Optimize* (Chen et al., NeurIPS 2020) evaluates each learned optimizer
+by training a fresh optimizee for 10,000 steps (batches of 128 drawn with replacement from the MNIST test split,
+parameters drawn N(0, 0.01)) over 10 seeds and reporting the ln of the final training loss.
+`python -m meta_train.evaluate` runs exactly that with the optimizers as users run them; the tuned baselines are
+Adam, RMSprop and SGD at the best learning rate of a grid search on the same protocol
+(`scripts/baselines.sh`, `scripts/baselines_fine.sh`). Every number below is read from the JSON files in
+`results/` (curves kept at every 20th step plus the last 100 steps, which hold every number used here);
+`python -m meta_train.report results --readme README.md --docs docs` regenerates this page, the README's
+table and figure and docs/weights.md. Longer analyses of single tasks are in [findings.md](findings.md).
+
+## Results
+
+"""
 
 
 def replace_between_markers(text: str, block: str) -> str:
@@ -310,25 +468,74 @@ def replace_between_markers(text: str, block: str) -> str:
     return text[:start + len(START)] + "\n" + block.rstrip("\n") + "\n" + text[end:]
 
 
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    if path.exists():
+        shutil.copymode(path, tmp)
+    os.replace(tmp, path)
+
+
+def thin_results(results_dir: str | os.PathLike) -> int:
+    """Rewrite every result file under ``results_dir`` (sub-folders too, not partial seeds) with thinned curves
+    (:mod:`meta_train.curves`); returns how many changed. Summaries are unchanged: they use only kept losses."""
+    changed = 0
+    for path in sorted(Path(results_dir).rglob("*.json")):
+        if ".partial" in path.parts:
+            continue
+        try:
+            obj = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(obj, dict) or obj.get("type") != "evaluation" or curve_store.is_thinned(obj):
+            continue
+        _write_text(path, json.dumps(curve_store.thin_result(obj), allow_nan=False, separators=(",", ":")))
+        changed += 1
+    return changed
+
+
+def current_cells(results_dir: str | os.PathLike) -> dict[tuple[str, str], dict[str, Any]]:
+    runs, grids = load_results(results_dir)
+    return split_stale(select_cells(runs, grids), bundled_digests())[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m meta_train.report", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results_dir")
-    ap.add_argument("--readme", default=None, help="replace the results section of this markdown file")
+    ap.add_argument("--readme", default=None,
+                    help="replace the results section of this markdown file (the figure and the best-per-task table)")
+    ap.add_argument("--docs", default=None,
+                    help="write DOCS/reproduction.md (full table, claims, commands), DOCS/weights.md and the figure "
+                         "DOCS/figures/results.png")
+    ap.add_argument("--thin", action="store_true",
+                    help="first rewrite the result files with thinned curves (every 20th step + the last 100)")
     args = ap.parse_args(argv)
+    if args.thin:
+        print(f"thinned {thin_results(args.results_dir)} result file(s)", file=sys.stderr)
     table = results_markdown(args.results_dir)
     print(table, end="")
+    if not args.readme and not args.docs:
+        return 0
+    cells = current_cells(args.results_dir)
+    figure = None
+    if args.docs:
+        docs = Path(args.docs)
+        _write_text(docs / "reproduction.md", REPRODUCTION_HEAD + table)
+        _write_text(docs / "weights.md", weights_markdown(cells))
+        if cells:
+            figure = results_figure(cells, docs / "figures" / "results.png")
     if args.readme:
         path = Path(args.readme)
+        rel = os.path.relpath(figure, path.parent).replace(os.sep, "/") if figure else None
+        block = summary_markdown(cells, rel) if cells else table
         try:
-            new = replace_between_markers(path.read_text(), table)
+            new = replace_between_markers(path.read_text(), block)
         except (OSError, ValueError) as exc:
             print(f"error: {path}: {exc}; file left untouched", file=sys.stderr)
             return 1
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(new)
-        shutil.copymode(path, tmp)
-        os.replace(tmp, path)
+        _write_text(path, new)
     return 0
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from learned_optim.weights import available_weights
+from meta_train import curves
 from meta_train import evaluate as ev
 
 TASK = "conv-mnist"
@@ -99,8 +100,7 @@ def measured(name: str, lr: float | None, seeds: list[int], steps: int, data_roo
                "ln_loss_last100": math.log(sum(losses[-100:]) / len(losses[-100:])),
                "floor_ln_of_dead": floor_ln_of(dead, y), "seconds": round(time.perf_counter() - start, 1)}
         if stored is not None:
-            ref = stored["losses"][stored["seeds"].index(seed)][:steps]
-            row["matches_committed_curve"] = ref == losses
+            row["matches_committed_curve"] = curves.matches(stored, stored["seeds"].index(seed), losses)
             row["committed_final_ln_loss_10k"] = stored["final_ln_loss"][stored["seeds"].index(seed)]
         print(name, row, flush=True)
         rows.append(row)

@@ -5,14 +5,20 @@ Writes results/diagnostics/rnnprop_meta_seeds.json and prints it."""
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from meta_train import curves  # noqa: E402
 
 
-def ln_window(losses, end, width=100):
-    window = [x for x in losses[end - width:end] if x is not None]
-    return round(math.log(sum(window) / len(window)), 3) if len(window) == width else None
+def ln_window(result, index, end, width=100):
+    """ln of the mean stored loss over steps [end - width, end) (a thinned curve keeps every 20th step there)."""
+    window = curves.values_between(result, index, end - width, end)
+    if not window or any(x is None for x in window):
+        return None
+    return round(math.log(sum(window) / len(window)), 3)
 
 
 def best_eval(log_path):
@@ -24,10 +30,9 @@ def best_eval(log_path):
 def row(seed, run_dir, result, index=0):
     epoch, val, last = best_eval(run_dir / "log.jsonl")
     res = json.loads(result.read_text())
-    curve = res["losses"][index]
     return {"meta_seed": seed, "run": str(run_dir.relative_to(ROOT)), "epochs": last, "selected_epoch": epoch,
             "val_loss_N100": val, "eval_seed": res["seeds"][index],
-            "ln_loss_1000": ln_window(curve, 1000), "ln_loss_3000": ln_window(curve, 3000),
+            "ln_loss_1000": ln_window(res, index, 1000), "ln_loss_3000": ln_window(res, index, 3000),
             "ln_loss_10000": round(res["final_ln_loss"][index], 3), "weights_digest": res["weights_digest"][:8]}
 
 

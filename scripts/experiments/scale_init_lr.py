@@ -41,6 +41,7 @@ from learned_optim.rules import build_rule
 from learned_optim.rules import scale as scale_rule
 from learned_optim.rules.base import layout_numels
 from learned_optim.weights import load_rule, resolve_weights, save_weights
+from meta_train import curves
 from meta_train import evaluate as ev
 from meta_train.report import STALL_NATS
 from meta_train.tasks import Task
@@ -50,12 +51,13 @@ TASKS = ("mlp-orig", "mlp-relu", "mlp-deeper", "conv-mnist", "lenet", "nas-cell"
 LOG_LR_ROW = scale_rule._LOGLR  # row of log_lr in the per-coordinate state
 
 
-def committed_curve(results: Path, name: str, task: str, seed: int = 0) -> list | None:
+def committed_curve(results: Path, name: str, task: str, seed: int = 0) -> tuple[dict, int] | None:
+    """(result, seed index) of the committed evaluation, or None."""
     path = results / f"{name}__{task}.json"
     if not path.exists():
         return None
     data = json.loads(path.read_text())
-    return data["losses"][data["seeds"].index(seed)]
+    return data, data["seeds"].index(seed)
 
 
 def committed(results: Path, name: str, task: str) -> dict | None:
@@ -78,7 +80,7 @@ def step_sizes(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> dict:
 
 
 def rollout(name: str, task_name: str, steps: int, data, data_root, seed: int = 0,
-            committed_losses: list | None = None) -> dict:
+            committed_losses: tuple[dict, int] | None = None) -> dict:
     """The evaluation's rollout of seed ``seed``, keeping the optimizer to read its step sizes; with
     ``committed_losses`` (that seed's committed curve) it records whether the rollout reproduces it."""
     spec = ev.make_spec(name, task_name, steps=steps, seeds=[seed], data_root=data_root)
@@ -102,7 +104,7 @@ def rollout(name: str, task_name: str, steps: int, data, data_root, seed: int = 
     numels = layout_numels([tuple(p.shape) for p in params])
     # the shared offset is the (n+1)-th draw of the generator init_state receives (seeded by position 0)
     u = float(torch.rand(sum(numels) + 1, generator=torch.Generator().manual_seed(0))[-1])
-    row = {} if committed_losses is None else {"matches_committed_curve": committed_losses[:steps] == losses}
+    row = {} if committed_losses is None else {"matches_committed_curve": curves.matches(*committed_losses, losses)}
     return {**row, "coordinates": sum(numels), "tensors": len(numels), "offset_u": round(u, 3),
             "step_size_after_step_1": after_first, f"step_size_after_step_{steps}": step_sizes(opt, params),
             "log_lr_readout": {"weight_abs_max": float(f"{readout.weight.abs().max():.3g}"),
