@@ -365,8 +365,10 @@ class LearnedOptimizer(Optimizer):
         context = rule.prepare(tensor_h, glob_h, pre / numels.sum())
         flats = {p: self._flat_pair(p) for p in params}
         chunks = list(self._plan_chunks([_real_view(p).numel() for p in params]))
+        # every piece's tensor index and length, moved to the device once and sliced chunk by chunk
+        pieces = torch.tensor([[i, n] for chunk in chunks for i, _, n in chunk], device=device).reshape(-1, 2).t()
         sums = torch.zeros(rule.SUM_ROWS, len(params), device=device)
-        raws = []  # per chunk: its unnormalised update (one float per coordinate) and tensor indices
+        raws, first = [], 0  # per chunk: its unnormalised update (one float per coordinate) and its pieces
         for chunk in chunks:
             grads = [flats[params[i]][0][s: s + n] for i, s, n in chunk]
             g = (grads[0] if len(grads) == 1 else torch.cat(grads)).to(torch.float32)
@@ -374,9 +376,10 @@ class LearnedOptimizer(Optimizer):
                 g = -g
             parts = [self.state[params[i]][ck][:, s: s + n] for i, s, n in chunk]
             coord = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).to(torch.float32)
-            columns = torch.tensor([i for i, _, _ in chunk], device=device)
-            raw, new_coord, part_sums = rule.coord_stage(g, coord, context, step, columns, [n for _, _, n in chunk])
-            sums.index_add_(1, columns, part_sums)
+            columns, first = pieces[:, first: first + len(chunk)], first + len(chunk)
+            raw, new_coord, part_sums = rule.coord_stage(g, coord, context, step, columns[0],
+                                                         [n for _, _, n in chunk])
+            sums.index_add_(1, columns[0], part_sums)
             offset = 0
             for i, s, n in chunk:
                 self.state[params[i]][ck][:, s: s + n].copy_(new_coord[:, offset: offset + n])
@@ -388,8 +391,7 @@ class LearnedOptimizer(Optimizer):
             if len(chunk) == 1:
                 raw.div_(norm[chunk[0][0]])
             else:
-                lengths = torch.tensor([n for _, _, n in chunk], device=device)
-                raw.div_(norm.index_select(0, columns).repeat_interleave(lengths, output_size=raw.numel()))
+                raw.div_(norm.index_select(0, columns[0]).repeat_interleave(columns[1], output_size=raw.numel()))
             offset = 0
             for i, s, n in chunk:
                 flat_p = flats[params[i]][1]
