@@ -186,8 +186,8 @@ def mem_available() -> int | None:
     return None
 
 
-# state bytes per parameter, and temporaries of one step (measured: L2O-Scale ~790 B per parameter of the
-# whole group; the chunked rules ~1150 B per coordinate of one chunk)
+# state bytes per parameter, and temporaries of one step (measured: L2O-Scale ~9 B per parameter of the whole
+# group plus its chunk; the chunked rules ~1150 B per coordinate of one chunk)
 _STATE_B = {"adam": 8, "dm": 320, "rnnprop": 328, "scale": 84, "dm_bf16": 160}
 
 
@@ -195,7 +195,7 @@ def estimate_bytes(n: int, names: list[str], chunk_size: int) -> int:
     names = [base_name(k) for k in names]
     params = 8 * n * len(names)  # each optimizer's own parameters + gradients
     state = sum(_STATE_B[k] * n for k in names)
-    temp = max([4 * n] + [800 * n if k == "scale" else 1200 * min(n, chunk_size) for k in names if k != "adam"])
+    temp = max([4 * n] + [(12 * n if k == "scale" else 0) + 1200 * min(n, chunk_size) for k in names if k != "adam"])
     floors = 57 * 4 * min(n, SCALE_FLOOR_PIECE) if "scale" in names else 0
     return int(1.1 * (params + state + temp + floors)) + (256 << 20)
 
@@ -216,12 +216,41 @@ def optimizer_names(models: list[str], backends: list[str], size: str, args) -> 
             if b == "torch" and args.torch_max_size and SIZES[size] > SIZES[args.torch_max_size]:
                 continue
             out.append((f"{m}[{b}]", m, b))
+    for cfg in args.triton_configs:  # extra kernel launch configurations, e.g. dm[triton:128x8:tf32]
+        for m in models:
+            if m in FUSED:
+                out.append((f"{m}[triton:{cfg}]", m, "triton"))
     if args.bf16_size == size and "dm" in models:
         for b in (["auto"] if backends == ["auto"] else backends):
             if b == "torch" and args.torch_max_size and SIZES[size] > SIZES[args.torch_max_size]:
                 continue
             out.append(("dm_bf16" if b == "auto" else f"dm_bf16[{b}]", "dm_bf16", b))
     return out
+
+
+def with_launch_config(name: str, step: Callable[[], None]) -> Callable[[], None]:
+    """``dm[triton:128x8:tf32]``: step with BLOCK 128, 8 warps, tl.dot precision tf32 (learned_optim.kernels reads
+    LEARNED_OPTIM_TRITON_* at every step); other names: ``step`` itself."""
+    if "[triton:" not in name:
+        return step
+    block_warps, _, precision = name.split("[triton:", 1)[1].rstrip("]").partition(":")
+    block, _, warps = block_warps.partition("x")
+    env = {"LEARNED_OPTIM_TRITON_BLOCK": block, "LEARNED_OPTIM_TRITON_WARPS": warps}
+    if precision:
+        env["LEARNED_OPTIM_TRITON_PRECISION"] = precision
+
+    def run():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            step()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return run
 
 
 def traffic_bytes(opt: torch.optim.Optimizer) -> dict:
@@ -333,7 +362,7 @@ def run_case(size: str, shape: str, args, device: torch.device) -> dict:
                                                  backend=backend)
             else:
                 opts[name] = LEARNED[rule](params, chunk_size=args.chunk_size, backend=backend)
-    fns: dict[str, Callable[[], None]] = {name: opt.step for name, opt in opts.items()}
+    fns: dict[str, Callable[[], None]] = {name: with_launch_config(name, opt.step) for name, opt in opts.items()}
     for m in args.models:
         if not args.no_gemm_floor:
             fns[f"gemm:{m}"] = gemm_floor(m, n, len(shapes), args.chunk_size, device)
@@ -341,7 +370,7 @@ def run_case(size: str, shape: str, args, device: torch.device) -> dict:
     if args.floor:
         buffers: dict = {}
         for name, opt in opts.items():
-            opt.step()  # creates the state, whose bytes are part of the traffic
+            fns[name]()  # creates the state, whose bytes are part of the traffic
             traffic = traffic_bytes(opt)
             key = f"floor:{traffic['read'] + traffic['write']}"
             floor_of[name] = key
@@ -354,7 +383,7 @@ def run_case(size: str, shape: str, args, device: torch.device) -> dict:
 
     def probe(name: str) -> None:  # one step under the memory probe (after the state exists)
         try:
-            peak = peak_temp_bytes(opts[name].step, device)
+            peak = peak_temp_bytes(fns[name], device)
             memory[name] = {"peak_temp_bytes": peak, "peak_temp_bytes_per_param": None if peak is None else peak / n}
         except Exception as exc:  # the profiler API is private; never lose the timings over it
             memory[name] = {"peak_temp_bytes": None, "peak_temp_error": f"{type(exc).__name__}: {exc}"}
@@ -447,6 +476,9 @@ def main(argv=None) -> dict:
                     help="comma list of auto,torch,triton: L2O-DM and RNNprop once per backend (default auto)")
     ap.add_argument("--torch-max-size", default=None,
                     help="largest size at which the torch backend of L2O-DM / RNNprop is timed (e.g. 10M)")
+    ap.add_argument("--triton-configs", default="",
+                    help="extra fused-kernel launch configurations to time, comma list of BLOCKxWARPS[:PRECISION] "
+                         "(e.g. 128x8,64x4:tf32)")
     ap.add_argument("--bandwidth-floor", default="auto", choices=["auto", "on", "off"],
                     help="time a device copy of each step's bytes (auto: on CUDA only)")
     ap.add_argument("--no-memory", action="store_true", help="skip the profiler memory measurement")
@@ -464,6 +496,7 @@ def main(argv=None) -> dict:
         raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    args.triton_configs = [c.strip() for c in args.triton_configs.split(",") if c.strip()]
     for b in args.backends:
         if b not in ("auto", "torch", "triton"):
             raise SystemExit(f"unknown backend {b!r}; choose from auto,torch,triton")
@@ -488,6 +521,7 @@ def main(argv=None) -> dict:
                       "repeats": args.repeats, "warmup": args.warmup, "chunk_size": args.chunk_size,
                       "bf16_size": args.bf16_size or None, "grad_std": args.grad_std, "seed": args.seed,
                       "backends": args.backends, "torch_max_size": args.torch_max_size,
+                      "triton_configs": args.triton_configs,
                       "triton_launch": _triton_launch(device),
                       "bandwidth_floor": ("a device copy (tensor.copy_ in pieces of 1 GiB) of half the bytes one step "
                                           "must read plus write, so that it reads and writes that many in all: "

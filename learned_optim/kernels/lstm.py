@@ -54,7 +54,7 @@ def _gate(x, x0, x1, h, w_ih, w_hh, b_ih, b_hh, w_offs, w_mask, js, jmask,
     return acc + bias[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tensors"])  # one compiled variant for any number of tensors
 def _lstm_step_kernel(table, block_map, bias_correction, num_tensors, lr, sign, c0, c1, c2, output_scale,
                       RULE: tl.constexpr, NUM_LAYERS: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
                       BLOCK: tl.constexpr, G_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
@@ -291,3 +291,46 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
                     target = torch.view_as_real(p) if p.is_complex() else p
                     target.add_(buffer.view(target.shape))
     return rest
+
+
+# ---------------------------------------------------------------------------------------- ahead-of-time compile
+def variants(rules=("dm", "rnnprop"), dtypes=(torch.float32, torch.bfloat16, torch.float16), vecs=(1, 4),
+             block: int | None = None, configs=None) -> list[dict]:
+    """The kernel variants a launch can ask for: per rule (and config), state dtype, parameter dtype, VEC."""
+    cfg = launch_config()
+    out = []
+    for rule in rules:
+        for config in (configs or [{}]):
+            built = L2ODMRule(**config) if rule == "dm" else RNNpropRule(**config)
+            for s_dtype in dtypes:
+                for p_dtype in dtypes:
+                    for vec in vecs:
+                        out.append(dict(rule=rule, hidden=built.hidden_size, layers=built.num_layers, s=s_dtype,
+                                        p=p_dtype, vec=vec, block=block or cfg["BLOCK"], warps=cfg["num_warps"],
+                                        precision=cfg["PRECISION"]))
+    return out
+
+
+def _compile(v: dict) -> str:
+    rnnprop = v["rule"] == "rnnprop"
+    nw = 4 + 4 * v["layers"]
+    _lstm_step_kernel.warmup(
+        torch.int64, torch.int32, torch.float32 if rnnprop else torch.int64, 2, 1.0, 1.0, 0.5, 0.5, 1e-8, 0.01,
+        grid=(1,), RULE=_RULE_IDS[v["rule"]], NUM_LAYERS=v["layers"], H=v["hidden"],
+        HP=max(16, triton.next_power_of_2(v["hidden"])), BLOCK=v["block"], G_DTYPE=_TL_DTYPES[v["p"]],
+        P_DTYPE=_TL_DTYPES[v["p"]], S_DTYPE=_TL_DTYPES[v["s"]], PRECISION=v["precision"], NW=nw, NCOL=_NCOL,
+        VEC=v["vec"], num_warps=v["warps"])
+    return f"{v['rule']} H={v['hidden']} L={v['layers']} state={v['s']} param={v['p']} VEC={v['vec']}"
+
+
+def precompile(variant_list: list[dict] | None = None, processes: int | None = None) -> list[str]:
+    """Compile kernel variants into Triton's on-disk cache in parallel processes (a cold cache costs seconds
+    per variant at the first step that needs it). Needs the GPU the kernels will run on."""
+    import concurrent.futures
+    import multiprocessing
+
+    variant_list = variants() if variant_list is None else variant_list
+    processes = processes or min(len(variant_list), os.cpu_count() or 1)
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+        return list(pool.map(_compile, variant_list))

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# One command for a machine with a CUDA GPU: the `cuda` tests, then the step() benchmark at 1M, 10M and
+# 100M parameters (one matrix and many tensors; L2O-DM, RNNprop, L2O-Scale next to Adam; the torch and the
+# Triton backends, the torch backend of DM/RNNprop skipped at 100M), a sweep of the fused kernel's launch
+# configuration at 10M, and the meta-training step benchmark. Everything lands in one folder (default
+# benchmarks/results/gpu): a log per stage, the JSON of each benchmark, junit XML of the tests and
+# summary.json (the bar: DM/RNNprop step within 2x the bandwidth floor at 10M and 3x at 1M, many tensors
+# within 1.5x one matrix). Each stage has a time cap so that the whole run stays under 8 minutes on an H200.
+#
+#     bash scripts/gpu_check.sh [OUT_DIR]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET  # the interpreter runs CPU tensors only
+SWEEP=${SWEEP:-"128x8,32x4,64x4:tf32,64x4:ieee"}
+status=0
+started=$(date +%s)
+
+stage() {  # stage NAME CAP_SECONDS COMMAND...
+    local name=$1 cap=$2
+    shift 2
+    local t0
+    t0=$(date +%s)
+    echo "== $name (cap ${cap}s)"
+    timeout --signal=INT --kill-after=10 "$cap" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "   exit $rc after $(($(date +%s) - t0)) s; log: $OUT/$name.log"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+python - >"$OUT/env.json" <<'EOF'
+import json, platform, subprocess, torch
+info = {"torch": torch.__version__, "python": platform.python_version(), "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+try:
+    import triton
+    info["triton"] = triton.__version__
+except Exception as exc:
+    info["triton"] = f"not importable: {exc}"
+try:
+    info["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,clocks.max.sm,driver_version",
+                                         "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+except OSError:
+    pass
+print(json.dumps(info, indent=1))
+EOF
+cat "$OUT/env.json"
+
+# a cold Triton cache costs seconds per kernel variant: compile them all at once, in parallel
+stage precompile 50 python - "$SWEEP" <<'EOF'
+import sys
+from learned_optim.kernels import lstm
+variants = lstm.variants()
+variants += lstm.variants(block=16, dtypes=(__import__("torch").float32,))  # the tests' block-boundary cases
+variants += lstm.variants(configs=[{"hidden_size": 8, "num_layers": 1}], rules=("dm",), vecs=(1,),
+                          dtypes=(__import__("torch").float32,))
+variants += lstm.variants(configs=[{"hidden_size": 36, "num_layers": 3}], rules=("rnnprop",), vecs=(1,),
+                          dtypes=(__import__("torch").float32,))
+for cfg in filter(None, sys.argv[1].split(",")):
+    block_warps, _, precision = cfg.partition(":")
+    block, warps = map(int, block_warps.split("x"))
+    for v in lstm.variants(dtypes=(__import__("torch").float32,), vecs=(4,)):
+        variants.append({**v, "block": block, "warps": warps, "precision": precision or v["precision"]})
+print("\n".join(lstm.precompile(variants)))
+EOF
+
+stage cuda-tests 140 python -m pytest -q -p no:cacheprovider -m cuda tests/test_kernels.py tests/test_cuda.py \
+    --junitxml "$OUT/cuda-tests.xml"
+
+BENCH=(python benchmarks/step.py --device cuda --models dm,rnnprop,scale --no-memory)
+stage step-1M 45 "${BENCH[@]}" --sizes 1M --backends torch,triton --repeats 10 --warmup 2 --out "$OUT/step_1M.json"
+stage step-10M 75 "${BENCH[@]}" --sizes 10M --backends torch,triton --repeats 5 --warmup 1 --bf16-size '' \
+    --out "$OUT/step_10M.json"
+stage step-100M 65 "${BENCH[@]}" --sizes 100M --backends triton --repeats 3 --warmup 1 --bf16-size 100M \
+    --no-gemm-floor --out "$OUT/step_100M.json"
+stage sweep-10M 30 python benchmarks/step.py --device cuda --models dm,rnnprop --sizes 10M --shapes matrix \
+    --backends triton --triton-configs "$SWEEP" --repeats 5 --warmup 1 --bf16-size '' --no-gemm-floor --no-memory \
+    --out "$OUT/sweep_10M.json"
+stage meta-step 35 python benchmarks/meta_step.py --device cuda --out "$OUT/meta_step.json"
+
+python - "$OUT" <<'EOF' | tee "$OUT/summary.json"
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+rows, bar = [], []
+for name in ("step_1M.json", "step_10M.json", "step_100M.json", "sweep_10M.json"):
+    path = out / name
+    if not path.exists():
+        continue
+    for case in json.loads(path.read_text())["results"]:
+        for opt, e in case.get("optimizers", {}).items():
+            rows.append({"file": name, "size": case["size"], "shape": case["shape"], "n_tensors": case["n_tensors"],
+                         "optimizer": opt, "median_ms": e["median_ms"], "ratio_to_adam": e.get("ratio_to_adam"),
+                         "floor_ms": e.get("bandwidth_floor", {}).get("median_ms"),
+                         "step_over_floor": e.get("step_over_bandwidth_floor")})
+step = {(r["file"], r["size"], r["shape"], r["optimizer"]): r for r in rows}
+for rule in ("dm[triton]", "rnnprop[triton]"):
+    for size, limit in (("10M", 2.0), ("1M", 3.0)):
+        r = step.get((f"step_{size}.json", size, "matrix", rule))
+        if r and r["step_over_floor"] is not None:
+            bar.append({"check": f"{rule} {size} matrix step / bandwidth floor <= {limit}",
+                        "value": r["step_over_floor"], "pass": r["step_over_floor"] <= limit})
+    one, many = step.get(("step_1M.json", "1M", "matrix", rule)), step.get(("step_1M.json", "1M", "many", rule))
+    if one and many:
+        ratio = many["median_ms"] / one["median_ms"]
+        bar.append({"check": f"{rule} 1M: {many['n_tensors']} tensors / one matrix <= 1.5", "value": ratio,
+                    "pass": ratio <= 1.5})
+print(json.dumps({"bar": bar, "steps": rows}, indent=1))
+EOF
+
+echo "total $(($(date +%s) - started)) s; results in $OUT"
+exit $status
