@@ -9,7 +9,14 @@ no-grad rollout step (forward+backward of the optimizee + the rule's forward, as
 Rounds rotate over the models, so machine load affects all measurements alike; ratios are taken
 within the run.
 
+Populations (``--population 1,8,64``): the same for K optimizees advancing together (the vectorized unroll of
+``meta_train --population K``: ``population_meta_unroll``, the meta-loss the mean of the members'), timed per
+unrolled step of the whole population; ``optimizee_steps_per_s`` = K / that time, and ``cost_vs_population_1``
+the ratio to K = 1 measured in the same rounds. Populations above 8 are timed ``--repeats-large`` times.
+
     python benchmarks/meta_step.py --threads 1 --out benchmarks/results/meta_step.json
+    python benchmarks/meta_step.py --threads 1 --population 1,8 --out benchmarks/results/meta_step_population.json
+    python benchmarks/meta_step.py --device cuda --population 1,8,64 --out benchmarks/results/meta_step_cuda.json
 
 Prints the JSON (schema in benchmarks/README.md); ``--out`` also writes it.
 """
@@ -32,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from learned_optim.rules import build_rule  # noqa: E402
 from meta_train.tasks import Task  # noqa: E402
-from meta_train.trainer import GRAD_CLIP_SCALE, MODEL_DEFAULTS  # noqa: E402
-from meta_train.unroll import Trajectory, meta_unroll, start  # noqa: E402
+from meta_train.trainer import GRAD_CLIP_SCALE, MODEL_DEFAULTS, member_seed  # noqa: E402
+from meta_train.unroll import (Trajectory, meta_unroll, population_meta_unroll, population_step,  # noqa: E402
+                               start, start_population)
 
 MODELS = ("dm", "rnnprop", "scale")
 
@@ -85,26 +93,41 @@ def load_task(name: str, data_root, device: torch.device) -> tuple[Task, dict]:
 
 
 class Bench:
-    """One model's meta-training state: the rule, its Adam, the generator and the trajectory."""
+    """One model's meta-training state: the rule, its Adam, the generators and the trajectory of its
+    ``population`` optimizees (1: the one-optimizee functions, as ``meta_train`` runs K = 1)."""
 
-    def __init__(self, model: str, task: Task, args, device: torch.device):
+    def __init__(self, model: str, task: Task, args, device: torch.device, population: int = 1):
         torch.manual_seed(args.seed)
-        self.model, self.task, self.args = model, task, args
+        self.model, self.task, self.args, self.population = model, task, args, population
         self.rule = build_rule(model).to(device)
         self.meta_opt = torch.optim.Adam(self.rule.parameters(), lr=args.meta_lr)
         self.objective = MODEL_DEFAULTS[model]["objective"]
         self.gen = torch.Generator().manual_seed(args.seed)
-        self.traj: Trajectory = start(self.rule, task, self.gen)
+        self.gens = [self.gen] + [torch.Generator().manual_seed(member_seed(args.seed, 0, j))
+                                  for j in range(1, population)]
+        self.traj: Trajectory = self.start()
         self.restarts = 0
+
+    def start(self) -> Trajectory:
+        if self.population == 1:
+            return start(self.rule, self.task, self.gen)
+        return start_population(self.rule, self.task, self.gens)[0]
 
     def maybe_restart(self) -> None:  # untimed: a fresh optimizee every --horizon steps, as in training
         if self.traj.step >= self.args.horizon:
-            self.traj = start(self.rule, self.task, self.gen)
+            self.traj = self.start()
             self.restarts += 1
 
     def meta_truncation(self) -> None:
-        loss, traj, values = meta_unroll(self.rule, self.task, self.traj, self.args.unroll, self.gen,
-                                         objective=self.objective)
+        if self.population == 1:
+            loss, traj, values = meta_unroll(self.rule, self.task, self.traj, self.args.unroll, self.gen,
+                                             objective=self.objective)
+            finite = math.isfinite(values[-1])
+        else:
+            member_losses, traj, values = population_meta_unroll(self.rule, self.task, self.traj, self.args.unroll,
+                                                                 self.gens, objective=self.objective)
+            loss = member_losses.mean()
+            finite = bool(torch.isfinite(values[-1]).all())
         self.meta_opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.model == "scale":  # as meta_train.trainer: meta-gradients made finite, then value-clipped
@@ -113,22 +136,31 @@ class Bench:
                     p.grad.nan_to_num_(0.0, GRAD_CLIP_SCALE, -GRAD_CLIP_SCALE).clamp_(-GRAD_CLIP_SCALE,
                                                                                         GRAD_CLIP_SCALE)
         self.meta_opt.step()
-        self.traj = traj if math.isfinite(values[-1]) else start(self.rule, self.task, self.gen)
+        self.traj = traj if finite else self.start()
 
     def batches(self) -> list:
-        return [self.task.sample_batch(self.gen) for _ in range(self.args.unroll)]
+        if self.population == 1:
+            return [self.task.sample_batch(self.gen) for _ in range(self.args.unroll)]
+        return [self.task.sample_batches(self.gens) for _ in range(self.args.unroll)]
 
     def plain(self, batches) -> None:
         theta = self.traj.theta
         for b in batches:
-            self.task.loss_and_grad(theta, b)
+            if self.population == 1:
+                self.task.loss_and_grad(theta, b)
+            else:
+                self.task.population_loss_and_grad(theta, b)
 
     @torch.no_grad()
     def rollout(self, batches) -> None:
         theta, state = self.traj.theta, self.traj.state
         for i, b in enumerate(batches):
-            _, grad = self.task.loss_and_grad(theta, b)
-            update, state = self.rule(grad, state, self.traj.step + i + 1)
+            if self.population == 1:
+                _, grad = self.task.loss_and_grad(theta, b)
+                update, state = self.rule(grad, state, self.traj.step + i + 1)
+            else:
+                _, grad = self.task.population_loss_and_grad(theta, b)
+                update, state = population_step(self.rule, grad, state, self.traj.step + i + 1)
             theta = theta + update
 
 
@@ -141,6 +173,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--horizon", type=int, default=100, help="optimizee restarted every this many steps (untimed)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     ap.add_argument("--repeats", type=int, default=20, help="timed truncations per model (default 20)")
+    ap.add_argument("--population", default="1",
+                    help="comma list of population sizes K (default 1), e.g. 1,8,64: each timed for every model")
+    ap.add_argument("--repeats-large", type=int, default=5,
+                    help="timed truncations per model for populations above 8 (default 5)")
     ap.add_argument("--meta-lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -153,8 +189,14 @@ def main(argv=None) -> dict:
     for m in models:
         if m not in MODELS:
             raise SystemExit(f"unknown model {m!r}; choose from {','.join(MODELS)}")
-    if args.repeats < 1 or args.warmup < 0 or args.unroll < 1:
-        raise SystemExit("--repeats and --unroll must be >= 1, --warmup >= 0")
+    if args.repeats < 1 or args.repeats_large < 1 or args.warmup < 0 or args.unroll < 1:
+        raise SystemExit("--repeats, --repeats-large and --unroll must be >= 1, --warmup >= 0")
+    try:
+        populations = sorted({int(k) for k in args.population.split(",") if k.strip()})
+    except ValueError:
+        raise SystemExit(f"--population: expected comma-separated integers, got {args.population!r}") from None
+    if not populations or populations[0] < 1:
+        raise SystemExit("--population: sizes must be >= 1")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
@@ -185,35 +227,48 @@ def main(argv=None) -> dict:
         env["gpu"] = torch.cuda.get_device_name(device)
     t_start = time.perf_counter()
     task, data = load_task(args.task, args.data_root, device)
-    benches = {m: Bench(m, task, args, device) for m in models}
-    times = {m: {"meta": [], "plain": [], "rollout": []} for m in models}
+    cases = [(k, m) for k in populations for m in models]
+    benches = {(k, m): Bench(m, task, args, device, k) for k, m in cases}
+    times = {case: {"meta": [], "plain": [], "rollout": []} for case in cases}
     for r in range(args.warmup + args.repeats):
-        order = models[r % len(models):] + models[: r % len(models)]
-        for m in order:
-            b = benches[m]
+        order = cases[r % len(cases):] + cases[: r % len(cases)]
+        for k, m in order:
+            if k > 8 and r >= args.warmup + args.repeats_large:
+                continue
+            b = benches[k, m]
             b.maybe_restart()
             batches = b.batches()  # drawn before the truncation: plain/rollout use the same parameters
             measured = {"meta": timed(b.meta_truncation), "plain": timed(b.plain, batches),
                         "rollout": timed(b.rollout, batches)}
             if r >= args.warmup:
                 for kind, value in measured.items():
-                    times[m][kind].append(value)
-    results = {}
-    for m in models:
-        meta, plain, roll = (summary(times[m][k]) for k in ("meta", "plain", "rollout"))
-        paired = [a[0] / b[0] for a, b in zip(times[m]["meta"], times[m]["plain"])]
-        results[m] = {"objective": benches[m].objective, "rule_params": sum(p.numel() for p in benches[m].rule.parameters()),
-                      "meta_ms_per_step": meta, "plain_fwd_bwd_ms_per_step": plain, "rollout_ms_per_step": roll,
-                      "ratio_meta_to_plain": meta["median_ms"] / plain["median_ms"],
-                      "ratio_meta_to_plain_paired_median": quantile(paired, 0.5),
-                      "ratio_rollout_to_plain": roll["median_ms"] / plain["median_ms"],
-                      "optimizee_restarts": benches[m].restarts}
+                    times[k, m][kind].append(value)
+    by_population = {}
+    for k, m in cases:
+        meta, plain, roll = (summary(times[k, m][kind]) for kind in ("meta", "plain", "rollout"))
+        paired = [a[0] / b[0] for a, b in zip(times[k, m]["meta"], times[k, m]["plain"])]
+        entry = {"objective": benches[k, m].objective,
+                 "rule_params": sum(p.numel() for p in benches[k, m].rule.parameters()),
+                 "meta_ms_per_step": meta, "plain_fwd_bwd_ms_per_step": plain, "rollout_ms_per_step": roll,
+                 "ratio_meta_to_plain": meta["median_ms"] / plain["median_ms"],
+                 "ratio_meta_to_plain_paired_median": quantile(paired, 0.5),
+                 "ratio_rollout_to_plain": roll["median_ms"] / plain["median_ms"],
+                 "optimizee_restarts": benches[k, m].restarts, "population": k,
+                 "optimizee_steps_per_s": k * 1e3 / meta["median_ms"],
+                 "rollout_optimizee_steps_per_s": k * 1e3 / roll["median_ms"]}
+        base = by_population.get(str(populations[0]), {}).get(m)
+        if base is not None and populations[0] == 1:
+            entry["cost_vs_population_1"] = meta["median_ms"] / base["meta_ms_per_step"]["median_ms"]
+            entry["rollout_cost_vs_population_1"] = roll["median_ms"] / base["rollout_ms_per_step"]["median_ms"]
+        by_population.setdefault(str(k), {})[m] = entry
+    results = by_population[str(populations[0])]  # the smallest population, in the one-population schema
     env["load_avg_end"] = list(os.getloadavg())
     env["wall_s"] = time.perf_counter() - t_start
     out = {"benchmark": "meta_step", "schema_version": 1, "env": env,
            "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
            "config": {"task": args.task, "optimizee_params": task.num_params, "batch_size": task.batch_size,
                       "unroll": args.unroll, "horizon": args.horizon, "warmup": args.warmup, "repeats": args.repeats,
+                      "populations": populations, "repeats_large": args.repeats_large,
                       "meta_optimizer": f"Adam(lr={args.meta_lr}) for every model", "seed": args.seed,
                       "timing": "per round and model, back to back: (meta) meta_unroll of `unroll` steps + "
                                 "backward + meta-optimizer step; (plain) task.loss_and_grad on `unroll` minibatches "
@@ -222,7 +277,7 @@ def main(argv=None) -> dict:
                                 "between rounds. cpu_user_ms/cpu_sys_ms/minor_faults: getrusage(RUSAGE_SELF) deltas "
                                 "per unrolled step (mean).",
                       "data": data},
-           "results": results}
+           "results": results, "results_by_population": by_population}
     text = json.dumps(out, indent=1)
     print(text)
     if args.out:

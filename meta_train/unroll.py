@@ -13,9 +13,11 @@ Meta-losses (``objective``):
 
 Populations (``population_*``): K optimizees advance together, ``theta`` of shape (K, n). Their forward
 and backward run once through ``torch.func.vmap`` (:meth:`Task.population_loss`); the rule sees K times
-the coordinates. A coordinate-wise rule (L2O-DM, RNNprop) is called once on the flat (K*n,) gradient
-with its per-coordinate state (F, K*n); a rule with per-tensor and global state (L2O-Scale) runs under
-``vmap`` over the members, its state stacked (K, ...) so every member keeps its own statistics. Member k
+the coordinates. The population's state is that of K copies of the layout (every key concatenated along
+its last dimension: (F, K*n) per coordinate, (F, K*T) per tensor, (F, K) global). A coordinate-wise rule
+(L2O-DM, RNNprop) is called once on the flat (K*n,) gradient; L2O-Scale runs its per-coordinate stage once
+on the K*n coordinates and its tensor and global stage under ``vmap`` over the members, so every member
+keeps its own per-tensor and global statistics (:func:`population_step`). Member k
 draws its initialisation, random scaling and batches from ``generators[k]`` with exactly the calls one
 optimizee makes (:func:`start`, :func:`start_scaled`), so a member computes what one optimizee computes on
 that generator, to float rounding. A population's meta-loss is the mean of its members' meta-losses.
@@ -125,43 +127,67 @@ def rollout(rule: Rule, task: Task, steps: int, generator: torch.Generator) -> l
 
 
 # ---------------------------------------------------------------------------------------------- populations
-def _state_dims(rule: Rule, state: State) -> dict[str, int | None]:
-    """vmap dimension of each state key of a stacked population state (layout keys are shared)."""
-    kinds = rule.state_kinds()
-    return {k: None if kinds.get(k) == "layout" else 0 for k in state}
+def _shared(rule: Rule) -> set[str]:
+    """State keys derived from the layout: one copy for the whole population."""
+    return {k for k, kind in rule.state_kinds().items() if kind == "layout"}
 
 
 def stack_states(rule: Rule, states: Sequence[State]) -> State:
-    """The population state of K members' states: coordinate-wise rules concatenate the coordinates
-    (features, K*n); other rules stack every member's state (K, ...), layout keys shared."""
-    if rule.coordinatewise:
-        return {k: torch.cat([s[k] for s in states], dim=-1) for k in states[0]}
-    dims = _state_dims(rule, states[0])
-    return {k: states[0][k] if dims[k] is None else torch.stack([s[k] for s in states]) for k in states[0]}
+    """The population state of K members' states: every key concatenated along its last dimension, member after
+    member (coordinates (F, K*n), per-tensor state (F, K*T), global state (F, K)): the state of K copies of the
+    layout, except the layout keys, shared."""
+    shared = _shared(rule)
+    return {k: states[0][k] if k in shared else torch.cat([s[k] for s in states], dim=-1) for k in states[0]}
 
 
 def select_members(rule: Rule, traj: Trajectory, keep: Tensor) -> Trajectory:
     """The trajectory of the members ``keep`` (indices into the population)."""
     k = traj.theta.shape[0]
-    keep = keep.to(traj.theta.device)
-    if rule.coordinatewise:
-        state = {key: v.unflatten(-1, (k, -1)).index_select(-2, keep.to(v.device)).flatten(-2)
-                 for key, v in traj.state.items()}
-    else:
-        dims = _state_dims(rule, traj.state)
-        state = {key: v if dims[key] is None else v.index_select(0, keep.to(v.device))
-                 for key, v in traj.state.items()}
+    shared = _shared(rule)
+    state = {key: v if key in shared else v.unflatten(-1, (k, -1)).index_select(-2, keep.to(v.device)).flatten(-2)
+             for key, v in traj.state.items()}
     f0 = traj.f0.index_select(0, keep.to(traj.f0.device)) if isinstance(traj.f0, Tensor) else traj.f0
-    return Trajectory(traj.theta.index_select(0, keep), state, traj.step, f0)
+    return Trajectory(traj.theta.index_select(0, keep.to(traj.theta.device)), state, traj.step, f0)
+
+
+STAGES = ("pre_sums", "prepare", "coord_stage", "tensor_stage")
 
 
 def population_step(rule: Rule, grad: Tensor, state: State, step) -> tuple[Tensor, State]:
-    """``rule`` on a population's gradients (K, n): returns the updates (K, n) and the new state."""
+    """``rule`` on a population's gradients (K, n) and state (:func:`stack_states`): the updates (K, n) and the
+    new state.
+
+    A coordinate-wise rule runs once on the K*n coordinates. A rule with per-tensor and global state that
+    exposes its stages (L2O-Scale: ``pre_sums``, ``prepare``, ``coord_stage``, ``tensor_stage``, as the optimizer
+    runs them) runs its per-coordinate stage once on the K*n coordinates of the K*T tensors, and its tensor and
+    global stage under ``vmap`` over the members, so each member's global statistics are its own. Any other rule
+    runs under ``vmap`` over the members."""
     if rule.coordinatewise:
         update, state = rule(grad.reshape(-1), state, step)
         return update.view_as(grad), state
-    dims = _state_dims(rule, state)
-    return vmap(lambda g, s: rule(g, s, step), in_dims=(0, dims), out_dims=(0, dims))(grad, state)
+    if all(hasattr(rule, name) for name in STAGES):
+        return _staged_population_step(rule, grad, state, step)
+    k, shared = grad.shape[0], _shared(rule)
+    dims = {key: None if key in shared else -2 for key in state}
+    members = {key: v if key in shared else v.unflatten(-1, (k, -1)) for key, v in state.items()}
+    update, new = vmap(lambda g, st: rule(g, st, step), in_dims=(0, dims), out_dims=(0, dims))(grad, members)
+    return update, {key: v if key in shared else v.flatten(-2) for key, v in new.items()}
+
+
+def _staged_population_step(rule: Rule, grad: Tensor, state: State, step) -> tuple[Tensor, State]:
+    k, n = grad.shape
+    numels = state["numels"]
+    t = numels.numel()
+    coord, tensor_h, glob_h = state["coord"], state["tensor"], state["glob"]
+    # what each coordinate needs from its own member as a whole (the member's mean log-lr): (P, K*n)
+    pre_means = rule.pre_sums(list(coord.unflatten(1, (k, n)).unbind(1))) / n
+    context = rule.prepare(tensor_h, glob_h.repeat_interleave(t, dim=1), pre_means.repeat_interleave(n, dim=1))
+    raw_update, new_coord, sums = rule.coord_stage(grad.reshape(-1), coord, context, step, None, numels.tolist() * k)
+    norm, tensor_new, glob_new = vmap(rule.tensor_stage, in_dims=(1, None, 1, 1), out_dims=(0, 1, 1))(
+        sums.unflatten(1, (k, t)), numels, tensor_h.unflatten(1, (k, t)), glob_h.unflatten(1, (k, 1)))
+    update = raw_update / norm.flatten().repeat_interleave(numels.repeat(k), output_size=k * n)
+    return update.view(k, n), {"coord": new_coord, "tensor": tensor_new.flatten(1), "glob": glob_new.flatten(1),
+                               "numels": numels}
 
 
 def start_population(rule: Rule, task: Task, generators: Sequence[torch.Generator],

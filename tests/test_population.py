@@ -15,8 +15,8 @@ from meta_train import evaluate as ev
 from meta_train.imitation import Teacher, imitation_unroll, population_imitation_unroll
 from meta_train.tasks import Task
 from meta_train.trainer import Config, Trainer, member_seed, members_per_rank
-from meta_train.unroll import (meta_unroll, population_meta_unroll, population_rollout, rollout, select_members,
-                               start, start_population, start_scaled)
+from meta_train.unroll import (meta_unroll, population_meta_unroll, population_rollout, population_step, rollout,
+                               select_members, start, start_population, start_scaled)
 
 CLOSE = dict(rtol=1e-4, atol=1e-6)
 
@@ -140,6 +140,37 @@ def test_selected_members_are_those_members(model, mlp):
     expected, _ = start_population(rule, mlp, [gens(3)[0], gens(3)[2]])
     assert torch.equal(picked.theta, expected.theta)
     assert all(torch.equal(picked.state[k], expected.state[k]) for k in expected.state)
+
+
+class Unstaged(torch.nn.Module):
+    """L2O-Scale seen only through ``forward``: a rule with per-tensor and global state and no stages."""
+
+    coordinatewise = False
+
+    def __init__(self, rule):
+        super().__init__()
+        self.inner = rule
+
+    def state_kinds(self):
+        return self.inner.state_kinds()
+
+    def init_state(self, layout, **kwargs):
+        return self.inner.init_state(layout, **kwargs)
+
+    def forward(self, grad, state, step):
+        return self.inner(grad, state, step)
+
+
+def test_a_rule_without_stages_runs_under_vmap_per_member(mlp):
+    rule = rule_of("scale")
+    traj, _ = start_population(rule, mlp, gens(3))
+    grad = torch.randn(3, mlp.num_params, generator=torch.Generator().manual_seed(0)) * 1e-2
+    staged = population_step(rule, grad, traj.state, 2)
+    vmapped = population_step(Unstaged(rule), grad, traj.state, 2)
+    torch.testing.assert_close(staged[0], vmapped[0], **CLOSE)
+    for key in staged[1]:
+        torch.testing.assert_close(staged[1][key], vmapped[1][key], **CLOSE)
+    assert staged[1]["glob"].shape == (20, 3) and staged[1]["tensor"].shape == (20, 3 * len(mlp.layout))
 
 
 def test_teacher_keeps_the_state_of_the_selected_members():
