@@ -7,11 +7,12 @@ dtypes), whatever the number of tensors:
 
 * **Host, per step.** One int64 table: the data pointers of the rule's own weight tensors (read at call
   time: no copy of the weights exists that could go stale), then one row per tensor (gradient, parameter,
-  ``rnn`` and ``mv`` state pointers, numel, first block). A block map (program -> tensor, int32; cached per
-  layout) lets program ``pid`` find its tensor with one load. Each tensor's ``step`` lives on its device (as
-  in torch's fused optimizers) and is advanced with one ``_foreach_add_``; RNNprop's bias corrections
-  ``1 - beta^step`` are computed per tensor from those steps (each tensor its own step count).
-* **One program** takes BLOCK (default 128) consecutive coordinates of one tensor. It loads the gradient
+  ``rnn`` state, ``mv`` state and ``step`` pointers, numel, first block), copied to the device in one
+  transfer. A block map (program -> tensor, int32; cached per layout) lets program ``pid`` find its tensor
+  with one load. Each tensor's ``step`` lives on its device (as in torch's fused optimizers) and is advanced
+  with one ``_foreach_add_``; the kernel reads it and computes RNNprop's bias corrections
+  ``1 - beta^step = 1 - exp2(step * log2(beta))`` per tensor (each tensor its own step count).
+* **One program** takes BLOCK (default 64) consecutive coordinates of one tensor. It loads the gradient
   (any of fp32/bf16/fp16; negated for ``maximize``) and runs the preprocessing (DM: LogAndSign with k=5;
   RNNprop: the Adam moments m, v, bias-corrected features, Linear(2, 20) + ELU), then for each LSTM layer
   loads h and c as [BLOCK, 32] tiles of the feature-major (80, n) state -- row r of coordinate j is at
@@ -26,9 +27,16 @@ dtypes), whatever the number of tensors:
   m, v), write state 320 B (+8) and parameter 4 B: ~652 B for DM, ~668 B for RNNprop; bfloat16 state halves
   the state part (~332 / 340 B). Weights (~21 KB for DM, ~27 KB for RNNprop) are read once per program and
   stay in L1/L2.
+* When every tensor of a launch has 16-byte aligned pointers and a numel divisible by 4, the launch is
+  specialised (``VEC=4``) so loads and stores of the state rows are 128-bit vectors; other tensors go into
+  a second launch with scalar accesses.
 * ``tl.dot`` uses ``input_precision="tf32x3"`` by default on the GPU (three TF32 tensor-core products, close
   to fp32 accuracy); ``LEARNED_OPTIM_TRITON_PRECISION=ieee`` gives plain fp32 FMA, ``tf32`` the fast, lossy
-  one. ``LEARNED_OPTIM_TRITON_BLOCK`` / ``LEARNED_OPTIM_TRITON_WARPS`` override BLOCK and num_warps.
+  one. ``LEARNED_OPTIM_TRITON_BLOCK`` / ``LEARNED_OPTIM_TRITON_WARPS`` override BLOCK (64) and num_warps (4).
+  Compiled for sm_90a (ptxas of the Triton wheel, no GPU needed), the default variant uses 255 registers per
+  thread with 64 B (DM) / 196 B (RNNprop) of spills; "ieee" spills kilobytes, BLOCK 128 with 4 warps too.
+  ``benchmarks/step.py --triton-configs`` times other launch configurations side by side;
+  ``lstm.precompile()`` fills Triton's cache for every dtype variant in parallel processes.
 
 Dispatch (``backend=`` of ``LearnedOptimizer``): ``"auto"`` uses the kernel for CUDA tensors when Triton is
 importable and the torch path otherwise; ``"torch"`` always the torch path; ``"triton"`` always the kernel

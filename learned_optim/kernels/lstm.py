@@ -20,7 +20,7 @@ from ..rules import L2ODMRule, RNNpropRule, Rule
 
 # table layout (int64): weight pointers first -- output weight, output bias, input projection weight and bias
 # (RNNprop), then per layer w_ih, w_hh, b_ih, b_hh -- then one row of _NCOL entries per tensor
-_NCOL = 6  # grad ptr, param ptr, rnn ptr, mv ptr, numel, first block
+_NCOL = 7  # grad ptr, param ptr, rnn ptr, mv ptr, step ptr, numel, first block
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _RULE_IDS = {"dm": 0, "rnnprop": 1}
 
@@ -54,27 +54,27 @@ def _gate(x, x0, x1, h, w_ih, w_hh, b_ih, b_hh, w_offs, w_mask, js, jmask,
     return acc + bias[None, :]
 
 
-@triton.jit(do_not_specialize=["num_tensors"])  # one compiled variant for any number of tensors
-def _lstm_step_kernel(table, block_map, bias_correction, num_tensors, lr, sign, c0, c1, c2, output_scale,
+@triton.jit
+def _lstm_step_kernel(table, block_map, lr, sign, c0, c1, c2, c3, c4, output_scale,
                       RULE: tl.constexpr, NUM_LAYERS: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
                       BLOCK: tl.constexpr, G_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
                       PRECISION: tl.constexpr, NW: tl.constexpr, NCOL: tl.constexpr, VEC: tl.constexpr):
     """One program = BLOCK coordinates of one tensor: preprocessing, the LSTM layers, the head, state and
-    parameter written in place. DM: c0 = k, c1 = e^k; RNNprop: c0 = beta1, c1 = beta2, c2 = eps, and
-    ``bias_correction`` (2, num_tensors) = 1 - beta^step per tensor."""
+    parameter written in place. DM: c0 = k, c1 = e^k; RNNprop: c0 = log2(beta1), c1 = log2(beta2), c2 = eps,
+    c3 = beta1, c4 = beta2."""
     pid = tl.program_id(0)
     t = tl.load(block_map + pid).to(tl.int64)
     row = table + NW + t * NCOL
     g_ptr = tl.load(row).to(tl.pointer_type(G_DTYPE))
     p_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
     s_ptr = tl.load(row + 2).to(tl.pointer_type(S_DTYPE))
-    n = tl.load(row + 4)
+    n = tl.load(row + 5)
     if VEC > 1:  # every tensor of this launch: numel and pointers multiples of VEC elements -> vector accesses
         g_ptr = tl.multiple_of(g_ptr, 16)
         p_ptr = tl.multiple_of(p_ptr, 16)
         s_ptr = tl.multiple_of(s_ptr, 16)
         n = tl.multiple_of(n, VEC)
-    coord = (pid - tl.load(row + 5)) * BLOCK + tl.arange(0, BLOCK)  # int64: row * n + coord may exceed 2^31
+    coord = (pid - tl.load(row + 6)) * BLOCK + tl.arange(0, BLOCK)  # int64: row * n + coord may exceed 2^31
     valid = coord < n
     js = tl.arange(0, HP)
     jmask = js < H
@@ -96,18 +96,19 @@ def _lstm_step_kernel(table, block_map, bias_correction, num_tensors, lr, sign, 
             mv_ptr = tl.multiple_of(mv_ptr, 16)
         m = tl.load(mv_ptr + coord, mask=valid, other=0.0, eviction_policy="evict_first").to(tl.float32)
         v = tl.load(mv_ptr + n + coord, mask=valid, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        if c0 < 0.5:
-            m = g + c0 * (m - g)
+        if c3 < 0.5:
+            m = g + c3 * (m - g)
         else:
-            m = m - (m - g) * (1.0 - c0)
-        if c1 < 0.5:
-            v = g * g + c1 * (v - g * g)
+            m = m - (m - g) * (1.0 - c3)
+        if c4 < 0.5:
+            v = g * g + c4 * (v - g * g)
         else:
-            v = v - (v - g * g) * (1.0 - c1)
+            v = v - (v - g * g) * (1.0 - c4)
         tl.store(mv_ptr + coord, m.to(S_DTYPE), mask=valid, eviction_policy="evict_first")
         tl.store(mv_ptr + n + coord, v.to(S_DTYPE), mask=valid, eviction_policy="evict_first")
-        denom = tl.sqrt(v / tl.load(bias_correction + num_tensors + t)) + c2
-        f0 = (m / tl.load(bias_correction + t)) / denom
+        step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))  # this tensor's own step count
+        denom = tl.sqrt(v / (1.0 - tl.exp2(step * c1))) + c2
+        f0 = (m / (1.0 - tl.exp2(step * c0))) / denom
         f1 = g / denom
         w_proj = tl.load(table + 2).to(tl.pointer_type(tl.float32))
         b_proj = tl.load(table + 3).to(tl.pointer_type(tl.float32))
@@ -216,9 +217,10 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
     for parameters that are not plain contiguous tensors. Returns the parameters the kernel cannot take
     (tensor subclasses, float64, state that is not a contiguous tensor on the parameter's device); the
     caller steps those on the torch path. Each tensor's ``step`` is kept on its device (as torch's fused
-    optimizers do) and incremented here.
+    optimizers do) and incremented here; the kernel reads it through the table.
     """
     device = params[0].device
+    dev = params[0].get_device()  # -1 on the CPU; an int compares faster than torch.device objects
     cfg = launch_config()
     block = cfg["BLOCK"]
     is_rnnprop = isinstance(rule, RNNpropRule)
@@ -229,58 +231,52 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
         g = p.grad
         rnn = st["rnn"]
         mv = st["mv"] if is_rnnprop else rnn
-        if (type(p) not in _PLAIN or type(g) is not Tensor or rnn.device != device or mv.device != device
-                or rnn.dtype not in _TL_DTYPES or mv.dtype != rnn.dtype or not rnn.is_contiguous()
+        if (type(p) not in _PLAIN or type(g) is not Tensor or rnn.get_device() != dev or mv.get_device() != dev
+                or rnn.dtype not in _TL_DTYPES or mv.dtype is not rnn.dtype or not rnn.is_contiguous()
                 or not mv.is_contiguous()):
             rest.append(p)
             continue
-        if p.dtype in _TL_DTYPES and g.dtype == p.dtype and p.is_contiguous() and g.is_contiguous():
+        if p.dtype in _TL_DTYPES and p.is_contiguous() and g.is_contiguous():  # g has p's dtype (autograd's rule)
             flat_g, target, buffer = g, p, None
         else:
             flat_g, target, buffer = flat_pair(p)
             if target.dtype not in _TL_DTYPES or flat_g.dtype not in _TL_DTYPES:
                 rest.append(p)
                 continue
-        ptrs = (flat_g.data_ptr(), target.data_ptr(), rnn.data_ptr(), mv.data_ptr())
+        step = st["step"]
+        if step.get_device() != dev or step.dtype is not torch.float32:  # first fused step: move it, once
+            step = st["step"] = step.to(device, torch.float32)
+        ptrs = (flat_g.data_ptr(), target.data_ptr(), rnn.data_ptr(), mv.data_ptr(), step.data_ptr())
         n = target.numel()
         # 16-byte aligned pointers and numel % 4 == 0 (most tensors): 4-element vector loads and stores
         vec = 4 if n % 4 == 0 and not (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) & 15 else 1
         # flat_g may be a temporary (a gradient brought to p's layout): the entry keeps it alive until the launch
-        classes.setdefault((target.dtype, flat_g.dtype, rnn.dtype, vec), []).append((p, *ptrs, n, buffer, flat_g))
+        classes.setdefault((target.dtype, flat_g.dtype, rnn.dtype, vec), []).append(
+            (p, ptrs, n, step, buffer, flat_g))
     if not classes:
         return rest
     weights = [w.data_ptr() for w in _weight_tensors(rule)]
-    if is_rnnprop:
-        consts = (rule.beta1, rule.beta2, rule.eps)
+    if is_rnnprop:  # the kernel computes 1 - beta^step = 1 - exp2(step * log2(beta)) per tensor
+        consts = (math.log2(rule.beta1) if rule.beta1 > 0 else -math.inf,
+                  math.log2(rule.beta2) if rule.beta2 > 0 else -math.inf, rule.eps, rule.beta1, rule.beta2)
     else:
-        consts = (rule.k, math.exp(rule.k), 0.0)  # e^k is rounded to float32, as torch does with a scalar
+        consts = (rule.k, math.exp(rule.k), 0.0, 0.0, 0.0)  # e^k is rounded to float32, as torch does with a scalar
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
         for (p_dtype, g_dtype, s_dtype, vec), entries in classes.items():
-            steps = []
-            for e in entries:
-                st = state[e[0]]
-                if st["step"].device != device:  # first fused step (or loaded from a state_dict): move it once
-                    st["step"] = st["step"].to(device)
-                steps.append(st["step"])
-            torch._foreach_add_(steps, 1.0)
-            if is_rnnprop:
-                s = torch.stack(steps)
-                bias_correction = torch.stack((1.0 - rule.beta1 ** s, 1.0 - rule.beta2 ** s)).contiguous()
-            else:
-                bias_correction = None
+            torch._foreach_add_([e[3] for e in entries], 1.0)
             table = array("q", weights)
             numels = []
             first = 0
-            for _, gp, pp, rp, mp, n, _, _ in entries:
-                table.extend((gp, pp, rp, mp, n, first))
+            for _, ptrs, n, *_ in entries:
+                table.extend(ptrs)
+                table.extend((n, first))
                 numels.append(n)
                 first += -(-n // block)
             table_t = torch.frombuffer(table, dtype=torch.int64).to(device)
             block_map = _block_map(tuple(numels), block, device, cache)
             _lstm_step_kernel[(first,)](
-                table_t, block_map, table_t if bias_correction is None else bias_correction, len(entries),
-                float(lr), -1.0 if maximize else 1.0, float(consts[0]), float(consts[1]), float(consts[2]),
+                table_t, block_map, float(lr), -1.0 if maximize else 1.0, *map(float, consts),
                 float(rule.output_scale),
                 RULE=_RULE_IDS[rule.name], NUM_LAYERS=rule.num_layers, H=rule.hidden_size,
                 HP=max(16, triton.next_power_of_2(rule.hidden_size)), BLOCK=block, G_DTYPE=_TL_DTYPES[g_dtype],
@@ -312,11 +308,9 @@ def variants(rules=("dm", "rnnprop"), dtypes=(torch.float32, torch.bfloat16, tor
 
 
 def _compile(v: dict) -> str:
-    rnnprop = v["rule"] == "rnnprop"
     nw = 4 + 4 * v["layers"]
     _lstm_step_kernel.warmup(
-        torch.int64, torch.int32, torch.float32 if rnnprop else torch.int64, 2, 1.0, 1.0, 0.5, 0.5, 1e-8, 0.01,
-        grid=(1,), RULE=_RULE_IDS[v["rule"]], NUM_LAYERS=v["layers"], H=v["hidden"],
+        torch.int64, torch.int32, 1.0, 1.0, 0.5, 0.5, 1e-8, 0.5, 0.5, 0.01, grid=(1,), RULE=_RULE_IDS[v["rule"]], NUM_LAYERS=v["layers"], H=v["hidden"],
         HP=max(16, triton.next_power_of_2(v["hidden"])), BLOCK=v["block"], G_DTYPE=_TL_DTYPES[v["p"]],
         P_DTYPE=_TL_DTYPES[v["p"]], S_DTYPE=_TL_DTYPES[v["s"]], PRECISION=v["precision"], NW=nw, NCOL=_NCOL,
         VEC=v["vec"], num_warps=v["warps"])
