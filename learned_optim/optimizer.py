@@ -17,6 +17,10 @@ two passes: its per-coordinate stage chunk by chunk (new state written in place,
 its per-tensor RMS normalisation kept in one float per coordinate, per-tensor sums accumulated),
 then its per-tensor and global RNNs on the sums, then each tensor's normalised update.
 
+On CUDA tensors L2O-DM and RNNprop take a fused Triton kernel instead (one launch per param group,
+``backend="auto"``; ``"torch"`` / ``"triton"`` force either path): same updates, same state layout,
+so state dicts move between the two (``learned_optim.kernels``).
+
 Distributed: under DDP every rank steps identically (same gradients after the all-reduce). FSDP2
 parameters (DTensors) are stepped on each rank's local shard, with the state of its own coordinates;
 L2O-Scale's per-tensor sums are all-reduced across the shards (``learned_optim.distributed``).
