@@ -41,7 +41,7 @@ def case(name, rule, **kw):
     spec = {"name": name, "rule": rule, "config": {}, "shapes": [[37], [3, 5]], "steps": 10,
             "state_dtype": "float32", "param_dtype": "float32", "lr": 1.0, "maximize": False,
             "layouts": None, "late": {}, "groups": None, "nan_at": None, "block": None, "tol": FP32_TOL,
-            "sync": False}
+            "sync": False, "swap_at": None}
     spec.update(kw)
     return spec
 
@@ -73,6 +73,8 @@ def interpreter_cases() -> list[dict]:
                         layouts=["transposed", "gapped", "complex", "grad_strided", "contiguous"]))
         out.append(case(f"{rule}-nonfinite", rule, steps=5, shapes=[[13], [6]], nan_at=[2, 0]))
         out.append(case(f"{rule}-state-float64-falls-back", rule, steps=4, state_dtype="float64"))
+        # state tensors and parameter storage replaced between steps: the kernel's cached plan must notice
+        out.append(case(f"{rule}-replaced-tensors", rule, steps=5, shapes=[[12], [2, 8]], swap_at=[2, 3]))
     # other configurations, freshly initialised (their updates cancel more: the torch path's own distance to
     # float64 is ~1e-5 there, so the bound is 1e-4)
     out.append(case("dm-small-1-layer", "dm", steps=8, config={"hidden_size": 8, "num_layers": 1}, tol=1e-4))
@@ -180,6 +182,13 @@ def _run_pair(spec: dict, device: str) -> dict:
             if spec["nan_at"] is not None and spec["nan_at"] == [step, i]:
                 g.view(-1)[0] = float("nan")
             a.grad, b.grad = g.clone(memory_format=torch.preserve_format), g.clone(memory_format=torch.preserve_format)
+        if spec["swap_at"] and step in spec["swap_at"]:
+            with torch.no_grad():
+                for params, opt in ((pa, oa), (pb, ob)):
+                    for p in params:
+                        for key in opt.state[p]:
+                            opt.state[p][key] = opt.state[p][key].clone()
+                        p.data = p.data.clone()
         # even steps start from 0, so the parameter after the step is the update itself (lr * update rounded
         # once); odd steps from the initial parameters, checking the in-place addition at its own scale
         with torch.no_grad():

@@ -218,14 +218,72 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
     (tensor subclasses, float64, state that is not a contiguous tensor on the parameter's device); the
     caller steps those on the torch path. Each tensor's ``step`` is kept on its device (as torch's fused
     optimizers do) and incremented here; the kernel reads it through the table.
+
+    The scan of a group (checks, pointers, block map) is kept in ``cache`` as a plan, keyed on the group's
+    tensors. Every step re-checks, per tensor, what can change between steps -- the gradient (its pointer and
+    layout), the parameter's storage, the identity of its state tensors, the state dict itself -- and scans
+    afresh on any change; only the gradient pointers are new in the table of a valid plan.
     """
     device = params[0].device
-    dev = params[0].get_device()  # -1 on the CPU; an int compares faster than torch.device objects
     cfg = launch_config()
     block = cfg["BLOCK"]
+    key = ("plan", block, tuple(map(id, params)))
+    plan = cache.get(key)
+    grads = _check_plan(plan, params, state) if plan is not None else None
+    if grads is None:
+        plan = _scan(rule, params, state, flat_pair, block, device, cache)
+        if plan["reusable"]:
+            if sum(1 for k in cache if k[0] == "plan") >= 8:  # a few groups / layouts at most
+                for k in [k for k in cache if k[0] == "plan"]:
+                    del cache[k]
+            cache[key] = plan
+        else:
+            cache.pop(key, None)
+        grads = plan["grads"]
+    weights = array("q", [w.data_ptr() for w in _weight_tensors(rule)])
     is_rnnprop = isinstance(rule, RNNpropRule)
+    if is_rnnprop:  # the kernel computes 1 - beta^step = 1 - exp2(step * log2(beta)) per tensor
+        consts = (math.log2(rule.beta1) if rule.beta1 > 0 else -math.inf,
+                  math.log2(rule.beta2) if rule.beta2 > 0 else -math.inf, rule.eps, rule.beta1, rule.beta2)
+    else:
+        consts = (rule.k, math.exp(rule.k), 0.0, 0.0, 0.0)  # e^k is rounded to float32, as torch does with a scalar
+    nw = len(weights)
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        for launch in plan["launches"]:
+            torch._foreach_add_(launch["steps"], 1.0)
+            table = array("q", launch["table"])
+            table[:nw] = weights
+            table[nw::_NCOL] = array("q", [grads[i] for i in launch["rows"]])
+            table_t = torch.frombuffer(table, dtype=torch.int64).to(device)
+            p_dtype, g_dtype, s_dtype, vec = launch["kind"]
+            _lstm_step_kernel[(launch["blocks"],)](
+                table_t, launch["block_map"], float(lr), -1.0 if maximize else 1.0, *map(float, consts),
+                float(rule.output_scale),
+                RULE=_RULE_IDS[rule.name], NUM_LAYERS=rule.num_layers, H=rule.hidden_size,
+                HP=max(16, triton.next_power_of_2(rule.hidden_size)), BLOCK=block, G_DTYPE=_TL_DTYPES[g_dtype],
+                P_DTYPE=_TL_DTYPES[p_dtype], S_DTYPE=_TL_DTYPES[s_dtype], PRECISION=cfg["PRECISION"],
+                NW=nw, NCOL=_NCOL, VEC=vec, num_warps=cfg["num_warps"])
+        for p, buffer in plan["buffers"]:
+            target = torch.view_as_real(p) if p.is_complex() else p
+            target.add_(buffer.view(target.shape))
+    return plan["rest"]
+
+
+def _scan(rule: Rule, params: Sequence[Tensor], state, flat_pair, block: int, device: torch.device,
+          cache: dict) -> dict:
+    """Check every tensor of the group and lay out the launches: one per (parameter, gradient, state dtype,
+    vector width) class, each with its table (gradient pointers filled in per step), steps and block map."""
+    dev = params[0].get_device()  # -1 on the CPU; an int compares faster than torch.device objects
+    is_rnnprop = isinstance(rule, RNNpropRule)
+    nw = len(_weight_tensors(rule))
     rest: list[Tensor] = []
+    rows: list[tuple] = []  # (p, st, rnn, mv, step, param ptr, aligned) of the tensors the kernel takes
+    grads: list[int] = []
+    buffers: list[tuple] = []
+    keep: list[Tensor] = []
     classes: dict[tuple, list] = {}
+    reusable = True
     for p in params:
         st = state[p]
         g = p.grad
@@ -237,12 +295,16 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
             rest.append(p)
             continue
         if p.dtype in _TL_DTYPES and p.is_contiguous() and g.is_contiguous():  # g has p's dtype (autograd's rule)
-            flat_g, target, buffer = g, p, None
-        else:
+            flat_g, target = g, p
+        else:  # a layout the plan cannot re-check cheaply: scanned again at every step
             flat_g, target, buffer = flat_pair(p)
             if target.dtype not in _TL_DTYPES or flat_g.dtype not in _TL_DTYPES:
                 rest.append(p)
                 continue
+            reusable = False
+            keep.append(flat_g)  # may be a temporary copy of the gradient: alive until the launch
+            if buffer is not None:
+                buffers.append((p, buffer))
         step = st["step"]
         if step.get_device() != dev or step.dtype is not torch.float32:  # first fused step: move it, once
             step = st["step"] = step.to(device, torch.float32)
@@ -250,43 +312,40 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
         n = target.numel()
         # 16-byte aligned pointers and numel % 4 == 0 (most tensors): 4-element vector loads and stores
         vec = 4 if n % 4 == 0 and not (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) & 15 else 1
-        # flat_g may be a temporary (a gradient brought to p's layout): the entry keeps it alive until the launch
-        classes.setdefault((target.dtype, flat_g.dtype, rnn.dtype, vec), []).append(
-            (p, ptrs, n, step, buffer, flat_g))
-    if not classes:
-        return rest
-    weights = [w.data_ptr() for w in _weight_tensors(rule)]
-    if is_rnnprop:  # the kernel computes 1 - beta^step = 1 - exp2(step * log2(beta)) per tensor
-        consts = (math.log2(rule.beta1) if rule.beta1 > 0 else -math.inf,
-                  math.log2(rule.beta2) if rule.beta2 > 0 else -math.inf, rule.eps, rule.beta1, rule.beta2)
-    else:
-        consts = (rule.k, math.exp(rule.k), 0.0, 0.0, 0.0)  # e^k is rounded to float32, as torch does with a scalar
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:
-        for (p_dtype, g_dtype, s_dtype, vec), entries in classes.items():
-            torch._foreach_add_([e[3] for e in entries], 1.0)
-            table = array("q", weights)
-            numels = []
-            first = 0
-            for _, ptrs, n, *_ in entries:
-                table.extend(ptrs)
-                table.extend((n, first))
-                numels.append(n)
-                first += -(-n // block)
-            table_t = torch.frombuffer(table, dtype=torch.int64).to(device)
-            block_map = _block_map(tuple(numels), block, device, cache)
-            _lstm_step_kernel[(first,)](
-                table_t, block_map, float(lr), -1.0 if maximize else 1.0, *map(float, consts),
-                float(rule.output_scale),
-                RULE=_RULE_IDS[rule.name], NUM_LAYERS=rule.num_layers, H=rule.hidden_size,
-                HP=max(16, triton.next_power_of_2(rule.hidden_size)), BLOCK=block, G_DTYPE=_TL_DTYPES[g_dtype],
-                P_DTYPE=_TL_DTYPES[p_dtype], S_DTYPE=_TL_DTYPES[s_dtype], PRECISION=cfg["PRECISION"],
-                NW=len(weights), NCOL=_NCOL, VEC=vec, num_warps=cfg["num_warps"])
-            for p, *_, buffer, _ in entries:
-                if buffer is not None:
-                    target = torch.view_as_real(p) if p.is_complex() else p
-                    target.add_(buffer.view(target.shape))
-    return rest
+        classes.setdefault((target.dtype, flat_g.dtype, rnn.dtype, vec), []).append((len(rows), ptrs, n, step))
+        rows.append((p, st, rnn, mv if is_rnnprop else None, step, p.data_ptr(), vec == 4))
+        grads.append(ptrs[0])
+    launches = []
+    for kind, entries in classes.items():
+        table = array("q", bytes(8 * nw))
+        numels = []
+        first = 0
+        for _, ptrs, n, _ in entries:
+            table.extend(ptrs)
+            table.extend((n, first))
+            numels.append(n)
+            first += -(-n // block)
+        launches.append({"kind": kind, "rows": [e[0] for e in entries], "table": table, "blocks": first,
+                         "steps": [e[3] for e in entries], "block_map": _block_map(tuple(numels), block, device, cache)})
+    return {"state": state, "rows": rows, "grads": grads, "launches": launches, "rest": rest, "buffers": buffers,
+            "keep": keep, "reusable": reusable}
+
+
+def _check_plan(plan: dict, params: Sequence[Tensor], state) -> list[int] | None:
+    """The gradient pointers of the plan's tensors, or None when anything the plan relies on changed."""
+    if plan["state"] is not state:
+        return None
+    grads = []
+    for p, st, rnn, mv, step, pptr, aligned in plan["rows"]:
+        g = p.grad
+        if (type(g) is not Tensor or not g.is_contiguous() or p.data_ptr() != pptr or state[p] is not st
+                or st["rnn"] is not rnn or st["step"] is not step or (mv is not None and st["mv"] is not mv)):
+            return None
+        gp = g.data_ptr()
+        if aligned and gp & 15:
+            return None
+        grads.append(gp)
+    return grads
 
 
 # ---------------------------------------------------------------------------------------- ahead-of-time compile
