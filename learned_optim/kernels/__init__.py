@@ -12,6 +12,11 @@ dtypes), whatever the number of tensors:
   with one load. Each tensor's ``step`` lives on its device (as in torch's fused optimizers) and is advanced
   with one ``_foreach_add_``; the kernel reads it and computes RNNprop's bias corrections
   ``1 - beta^step = 1 - exp2(step * log2(beta))`` per tensor (each tensor its own step count).
+  The scan of a group (checks, pointers, block map) is cached as a plan keyed on the group's tensors and
+  re-checked per tensor at every step (gradient pointer and layout, parameter storage, identity of the state
+  dict and of the state tensors); any change rescans. Host cost measured on this project's 2-core CPU
+  (kernel launch stubbed, step increments excluded): ~1 ms per step for the 864 tensors of the 1M "many"
+  layout, 0.03 ms for one matrix.
 * **One program** takes BLOCK (default 64) consecutive coordinates of one tensor. It loads the gradient
   (any of fp32/bf16/fp16; negated for ``maximize``) and runs the preprocessing (DM: LogAndSign with k=5;
   RNNprop: the Adam moments m, v, bias-corrected features, Linear(2, 20) + ELU), then for each LSTM layer
