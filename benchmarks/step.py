@@ -229,15 +229,17 @@ def optimizer_names(models: list[str], backends: list[str], size: str, args) -> 
 
 
 def with_launch_config(name: str, step: Callable[[], None]) -> Callable[[], None]:
-    """``dm[triton:128x8:tf32]``: step with BLOCK 128, 8 warps, tl.dot precision tf32 (learned_optim.kernels reads
-    LEARNED_OPTIM_TRITON_* at every step); other names: ``step`` itself."""
+    """``dm[triton:128x8:tf32:128]``: step with BLOCK 128, 8 warps, tl.dot precision tf32, at most 128 registers
+    per thread (learned_optim.kernels reads LEARNED_OPTIM_TRITON_* at every step); other names: ``step``."""
     if "[triton:" not in name:
         return step
-    block_warps, _, precision = name.split("[triton:", 1)[1].rstrip("]").partition(":")
+    block_warps, *rest = name.split("[triton:", 1)[1].rstrip("]").split(":")
     block, _, warps = block_warps.partition("x")
     env = {"LEARNED_OPTIM_TRITON_BLOCK": block, "LEARNED_OPTIM_TRITON_WARPS": warps}
-    if precision:
-        env["LEARNED_OPTIM_TRITON_PRECISION"] = precision
+    if rest and rest[0]:
+        env["LEARNED_OPTIM_TRITON_PRECISION"] = rest[0]
+    if len(rest) > 1:
+        env["LEARNED_OPTIM_TRITON_MAXNREG"] = rest[1]
 
     def run():
         saved = {k: os.environ.get(k) for k in env}
@@ -477,8 +479,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--torch-max-size", default=None,
                     help="largest size at which the torch backend of L2O-DM / RNNprop is timed (e.g. 10M)")
     ap.add_argument("--triton-configs", default="",
-                    help="extra fused-kernel launch configurations to time, comma list of BLOCKxWARPS[:PRECISION] "
-                         "(e.g. 128x8,64x4:tf32)")
+                    help="extra fused-kernel launch configurations to time, comma list of "
+                         "BLOCKxWARPS[:PRECISION[:MAXNREG]] (e.g. 128x8,64x4:tf32,64x4:tf32x3:128)")
     ap.add_argument("--bandwidth-floor", default="auto", choices=["auto", "on", "off"],
                     help="time a device copy of each step's bytes (auto: on CUDA only)")
     ap.add_argument("--no-memory", action="store_true", help="skip the profiler memory measurement")

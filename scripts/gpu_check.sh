@@ -14,7 +14,7 @@ OUT=${1:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET  # the interpreter runs CPU tensors only
-SWEEP=${SWEEP:-"128x8,32x4,64x4:tf32,64x4:ieee"}
+SWEEP=${SWEEP:-"32x2,128x8,64x4:tf32x3:128,64x4:tf32x3:168,64x4:tf32"}  # BLOCKxWARPS[:PRECISION[:MAXNREG]]
 status=0
 started=$(date +%s)
 
@@ -59,10 +59,11 @@ variants += lstm.variants(configs=[{"hidden_size": 8, "num_layers": 1}], rules=(
 variants += lstm.variants(configs=[{"hidden_size": 36, "num_layers": 3}], rules=("rnnprop",), vecs=(1,),
                           dtypes=(__import__("torch").float32,))
 for cfg in filter(None, sys.argv[1].split(",")):
-    block_warps, _, precision = cfg.partition(":")
+    block_warps, *rest = cfg.split(":")
     block, warps = map(int, block_warps.split("x"))
     for v in lstm.variants(dtypes=(__import__("torch").float32,), vecs=(4,)):
-        variants.append({**v, "block": block, "warps": warps, "precision": precision or v["precision"]})
+        variants.append({**v, "block": block, "warps": warps, "precision": (rest[0] if rest and rest[0] else
+                         v["precision"]), "maxnreg": int(rest[1]) if len(rest) > 1 else 0})
 print("\n".join(lstm.precompile(variants)))
 EOF
 

@@ -162,18 +162,22 @@ _PRECISIONS = ("tf32x3", "ieee", "tf32")
 
 
 def launch_config() -> dict:
-    """BLOCK (coordinates per program), num_warps and the tl.dot input precision; the environment variables
-    LEARNED_OPTIM_TRITON_BLOCK / _WARPS / _PRECISION override the defaults (benchmarks, tuning)."""
+    """BLOCK (coordinates per program), num_warps, the tl.dot input precision and a register cap per thread
+    (0: ptxas decides); the environment variables LEARNED_OPTIM_TRITON_BLOCK / _WARPS / _PRECISION / _MAXNREG
+    override the defaults (benchmarks, tuning)."""
     block = int(os.environ.get("LEARNED_OPTIM_TRITON_BLOCK", "64"))
     warps = int(os.environ.get("LEARNED_OPTIM_TRITON_WARPS", "4"))
     precision = os.environ.get("LEARNED_OPTIM_TRITON_PRECISION", "tf32x3")
+    maxnreg = int(os.environ.get("LEARNED_OPTIM_TRITON_MAXNREG", "0"))
     if block < 16 or block & (block - 1):
         raise ValueError(f"LEARNED_OPTIM_TRITON_BLOCK must be a power of two >= 16, got {block}")
     if warps < 1 or warps & (warps - 1):
         raise ValueError(f"LEARNED_OPTIM_TRITON_WARPS must be a power of two, got {warps}")
     if precision not in _PRECISIONS:
         raise ValueError(f"LEARNED_OPTIM_TRITON_PRECISION must be one of {_PRECISIONS}, got {precision!r}")
-    return {"BLOCK": block, "num_warps": warps, "PRECISION": precision}
+    if maxnreg < 0:
+        raise ValueError(f"LEARNED_OPTIM_TRITON_MAXNREG must be >= 0, got {maxnreg}")
+    return {"BLOCK": block, "num_warps": warps, "PRECISION": precision, "maxnreg": maxnreg}
 
 
 def _weight_tensors(rule: Rule) -> list[Tensor]:
@@ -263,7 +267,8 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
                 RULE=_RULE_IDS[rule.name], NUM_LAYERS=rule.num_layers, H=rule.hidden_size,
                 HP=max(16, triton.next_power_of_2(rule.hidden_size)), BLOCK=block, G_DTYPE=_TL_DTYPES[g_dtype],
                 P_DTYPE=_TL_DTYPES[p_dtype], S_DTYPE=_TL_DTYPES[s_dtype], PRECISION=cfg["PRECISION"],
-                NW=nw, NCOL=_NCOL, VEC=vec, num_warps=cfg["num_warps"])
+                NW=nw, NCOL=_NCOL, VEC=vec, num_warps=cfg["num_warps"],
+                **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}))
         for p, buffer in plan["buffers"]:
             target = torch.view_as_real(p) if p.is_complex() else p
             target.add_(buffer.view(target.shape))
@@ -362,7 +367,7 @@ def variants(rules=("dm", "rnnprop"), dtypes=(torch.float32, torch.bfloat16, tor
                     for vec in vecs:
                         out.append(dict(rule=rule, hidden=built.hidden_size, layers=built.num_layers, s=s_dtype,
                                         p=p_dtype, vec=vec, block=block or cfg["BLOCK"], warps=cfg["num_warps"],
-                                        precision=cfg["PRECISION"]))
+                                        precision=cfg["PRECISION"], maxnreg=cfg["maxnreg"]))
     return out
 
 
@@ -372,7 +377,7 @@ def _compile(v: dict) -> str:
         torch.int64, torch.int32, 1.0, 1.0, 0.5, 0.5, 1e-8, 0.5, 0.5, 0.01, grid=(1,), RULE=_RULE_IDS[v["rule"]], NUM_LAYERS=v["layers"], H=v["hidden"],
         HP=max(16, triton.next_power_of_2(v["hidden"])), BLOCK=v["block"], G_DTYPE=_TL_DTYPES[v["p"]],
         P_DTYPE=_TL_DTYPES[v["p"]], S_DTYPE=_TL_DTYPES[v["s"]], PRECISION=v["precision"], NW=nw, NCOL=_NCOL,
-        VEC=v["vec"], num_warps=v["warps"])
+        VEC=v["vec"], num_warps=v["warps"], **({"maxnreg": v["maxnreg"]} if v.get("maxnreg") else {}))
     return f"{v['rule']} H={v['hidden']} L={v['layers']} state={v['s']} param={v['p']} VEC={v['vec']}"
 
 
