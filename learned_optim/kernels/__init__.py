@@ -37,7 +37,8 @@ dtypes), whatever the number of tensors:
   a second launch with scalar accesses.
 * ``tl.dot`` uses ``input_precision="tf32x3"`` by default on the GPU (three TF32 tensor-core products, close
   to fp32 accuracy); ``LEARNED_OPTIM_TRITON_PRECISION=ieee`` gives plain fp32 FMA, ``tf32`` the fast, lossy
-  one. ``LEARNED_OPTIM_TRITON_BLOCK`` / ``LEARNED_OPTIM_TRITON_WARPS`` override BLOCK (64) and num_warps (4).
+  one. ``LEARNED_OPTIM_TRITON_BLOCK`` / ``_WARPS`` / ``_MAXNREG`` override BLOCK (64), num_warps (4) and the
+  register cap per thread (none).
   Compiled for sm_90a (ptxas of the Triton wheel, no GPU needed), the default variant uses 255 registers per
   thread with 64 B (DM) / 196 B (RNNprop) of spills; "ieee" spills kilobytes, BLOCK 128 with 4 warps too.
   ``benchmarks/step.py --triton-configs`` times other launch configurations side by side;
