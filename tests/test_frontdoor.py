@@ -14,6 +14,12 @@ from learned_optim import optimizer as optimizer_module
 from learned_optim.weights import user_weights_dir
 
 
+@pytest.fixture(autouse=True)
+def own_weights_folder(tmp_path, monkeypatch):
+    """Each test exports into its own empty user weights folder."""
+    monkeypatch.setenv("LEARNED_OPTIM_HOME", str(tmp_path / "home"))
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     return write_synthetic_mnist(tmp_path_factory.mktemp("data"), "MNIST")
@@ -210,13 +216,11 @@ def test_export_over_a_bundled_name_needs_force_and_then_wins(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bundled" in err and "--force" in err and err.count("\n") == 1
     assert export_main([str(tmp_path / "run2"), "dm-il", "--force"]) == 0
-    try:
-        assert learned_optim.resolve_weights("dm-il") == user_weights_dir() / "dm-il.safetensors"
-        assert bundled.read_bytes() == bundled_bytes  # the shipped file was never written
-    finally:  # leave the user folder as the other tests expect it
-        registry = json.loads((user_weights_dir() / "registry.json").read_text())
-        registry.pop("dm-il")
-        (user_weights_dir() / "registry.json").write_text(json.dumps(registry))
+    assert learned_optim.resolve_weights("dm-il") == user_weights_dir() / "dm-il.safetensors"
+    assert bundled.read_bytes() == bundled_bytes  # the shipped file was never written
+    registry = json.loads((user_weights_dir() / "registry.json").read_text())
+    registry.pop("dm-il")
+    (user_weights_dir() / "registry.json").write_text(json.dumps(registry))
     assert learned_optim.resolve_weights("dm-il") == bundled
 
 

@@ -113,7 +113,7 @@ def test_installed_wheel_finds_its_bundled_weights(built_wheel, tmp_path):
         print(json.dumps(out))
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env=_subprocess_env(PYTHONPATH=str(target)))
+                          env=_subprocess_env(PYTHONPATH=str(target), LEARNED_OPTIM_HOME=str(tmp_path / "home")))
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert Path(out["module"]).resolve().is_relative_to(target.resolve())
