@@ -12,7 +12,9 @@ within the run.
 Populations (``--population 1,8,64``): the same for K optimizees advancing together (the vectorized unroll of
 ``meta_train --population K``: ``population_meta_unroll``, the meta-loss the mean of the members'), timed per
 unrolled step of the whole population; ``optimizee_steps_per_s`` = K / that time, and ``cost_vs_population_1``
-the ratio to K = 1 measured in the same rounds. Populations above 8 are timed ``--repeats-large`` times.
+the ratio to K = 1 measured in the same rounds. Populations above 8 are timed ``--repeats-large`` times. On the
+CPU with a population above 1, the process keeps freed memory for reuse as ``meta_train`` does then
+(``meta_train.unroll.keep_freed_memory``, recorded as ``env.keep_freed_memory``).
 
     python benchmarks/meta_step.py --threads 1 --out benchmarks/results/meta_step.json
     python benchmarks/meta_step.py --threads 1 --population 1,8 --out benchmarks/results/meta_step_population.json
@@ -40,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from learned_optim.rules import build_rule  # noqa: E402
 from meta_train.tasks import Task  # noqa: E402
 from meta_train.trainer import GRAD_CLIP_SCALE, MODEL_DEFAULTS, member_seed  # noqa: E402
-from meta_train.unroll import (Trajectory, meta_unroll, population_meta_unroll, population_step,  # noqa: E402
-                               start, start_population)
+from meta_train.unroll import (Trajectory, keep_freed_memory, meta_unroll, population_meta_unroll,  # noqa: E402
+                               population_step, start, start_population)
 
 MODELS = ("dm", "rnnprop", "scale")
 
@@ -225,6 +227,8 @@ def main(argv=None) -> dict:
            "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
+    # as meta_train does for a population on the CPU (every case of this run then measured with it)
+    env["keep_freed_memory"] = device.type == "cpu" and populations[-1] > 1 and keep_freed_memory()
     t_start = time.perf_counter()
     task, data = load_task(args.task, args.data_root, device)
     cases = [(k, m) for k in populations for m in models]

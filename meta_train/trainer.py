@@ -41,8 +41,8 @@ from .curriculum import ADVANCE, IMPROVED, STOP, Curriculum
 from .export import export_weights
 from .imitation import SelfImproving, Teacher, imitation_unroll, population_imitation_unroll
 from .tasks import Task
-from .unroll import (meta_unroll, population_meta_unroll, population_rollout, rollout, select_members,
-                     start_population, start_scaled)
+from .unroll import (keep_freed_memory, meta_unroll, population_meta_unroll, population_rollout, rollout,
+                     select_members, start_population, start_scaled)
 
 # the paper's defaults per model (its training scripts and README)
 MODEL_DEFAULTS = {
@@ -200,6 +200,8 @@ class Trainer:
         self.members = members_per_rank(cfg.population, self.world)
         self.member_gens = [self.gen] + [torch.Generator().manual_seed(member_seed(cfg.seed, self.rank, j))
                                          for j in range(1, self.members)]
+        if cfg.population > 1 and self.device.type == "cpu":
+            keep_freed_memory()  # a population's large per-step tensors: reuse freed memory, no page faults
         self.coin = random.Random(cfg.seed)  # shared by all ranks: every rank takes the same kind of epoch
         self.curriculum = Curriculum(self.r["horizons"], min_evals=cfg.min_evals) if cfg.curriculum else None
         self.best_state = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
