@@ -143,7 +143,8 @@ def test_gradcheck_of_the_update_with_respect_to_weights(name):
         update, new = functional_call(rule, dict(zip(names, values)), (grad, state, 2))
         return update, new["rnn"]
 
-    assert torch.autograd.gradcheck(f, tuple(params.values()), eps=1e-6, atol=1e-5)
+    # fast mode checks random directions v^T J u instead of every column: the same test of the backward pass
+    assert torch.autograd.gradcheck(f, tuple(params.values()), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 @pytest.mark.parametrize("name", ["dm", "rnnprop"])
