@@ -14,8 +14,10 @@ truncation in one vectorized unroll (``meta_train.unroll.population_*``), split 
 processes; the meta-loss is the mean of the members' meta-losses. A rank's member 0 draws from the
 rank's generator (what its one optimizee draws with K = 1), member j > 0 from a generator seeded from
 (seed, rank, j); all of them are stored in the checkpoint. A member whose meta-loss is not finite leaves
-the population for the rest of the epoch and that truncation takes no meta-step (as one diverged
-optimizee ends its epoch). Validation then runs its ``eval_runs`` optimizees as one population too.
+the population for the rest of the epoch and that truncation takes no meta-step, on any rank (as one
+diverged optimizee ends its epoch); the epoch ends when a rank has no member left. Self-improving mixes
+the same teacher step into every member. Validation then runs its ``eval_runs`` optimizees as one
+population too.
 K = 1 is the one-optimizee code path, unchanged.
 """
 from __future__ import annotations
@@ -290,6 +292,14 @@ class Trainer:
                 "mean_ln_loss": (sum(math.log(max(v, 1e-30)) for v in losses) / len(losses)) if losses else None,
                 "population": self.cfg.population}
 
+    def _on_every_rank(self, flag: bool) -> bool:
+        """``flag`` and-ed over the processes (so that every rank takes the same meta-steps)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+
     def _run_population_epoch(self) -> dict:
         """:meth:`run_epoch` for this rank's members of a population: ``final_loss`` is the mean over the
         members of their last finite loss, ``mean_ln_loss`` the mean of ln over members and steps (finite
@@ -320,16 +330,17 @@ class Trainer:
             last = values[-1][torch.isfinite(values[-1])]
             final = float(last.mean()) if last.numel() else None
             finite = torch.isfinite(member_losses.detach())
-            if not bool(finite.all()):  # diverged members leave; no meta-step on this truncation
+            if not self._on_every_rank(bool(finite.all())):  # diverged members leave; no meta-step here
                 keep = finite.nonzero().flatten()
-                if keep.numel() == 0:
+                if not self._on_every_rank(keep.numel() > 0):
                     break
-                traj = select_members(self.rule, traj, keep)
-                gens = [gens[i] for i in keep.tolist()]
-                if task.scale is not None:
-                    task = task.scaled(task.scale.index_select(0, keep.to(task.scale.device)))
-                if override is not None:
-                    self.self_improving.select(keep)
+                if keep.numel() < finite.numel():
+                    traj = select_members(self.rule, traj, keep)
+                    gens = [gens[i] for i in keep.tolist()]
+                    if task.scale is not None:
+                        task = task.scaled(task.scale.index_select(0, keep.to(task.scale.device)))
+                    if override is not None:
+                        self.self_improving.select(keep)
                 continue
             loss = member_losses.mean()
             self._meta_step(self.meta_opt, loss)

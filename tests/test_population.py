@@ -392,3 +392,28 @@ def test_seed_groups_keep_the_workers_busy():
     assert ev.seed_groups({a: list(range(10))}, 0, 2) == [(a, tuple(range(5))), (a, tuple(range(5, 10)))]
     assert ev.seed_groups(missing, 4, 8) == [(a, (0, 1, 2, 3)), (a, (4, 5, 6, 7)), (a, (8, 9)), (b, (8, 9))]
     assert ev.batch_size_for(None, "cuda:0") == 0 and ev.batch_size_for(None, "cpu") == 1
+
+
+
+def test_a_member_diverging_on_another_rank_skips_the_meta_step_here_too(tmp_path, small_root, monkeypatch):
+    """Ranks must take the same meta-steps (each one all-reduces its meta-gradients): this rank's members are
+    finite, another rank reports a diverged one at the first truncation."""
+    import meta_train.trainer as trainer_module
+
+    trainer = Trainer(tiny_config(tmp_path, small_root, population=2, horizons=[30]))
+    trainer.world = 2  # as a rank of two processes whose collectives are stubbed below
+    others = iter([0, 1, 1, 1])  # the other rank: a diverged member at the first truncation, none left empty
+
+    def all_reduce(tensor, op=None):
+        if tensor.dtype == torch.long or tensor.dtype == torch.int64:  # the flags of _on_every_rank
+            tensor.copy_(torch.minimum(tensor, torch.tensor([next(others)])))
+        # meta-gradients: the other rank's equal this one's (their average is this one's)
+        else:
+            tensor.mul_(2)
+
+    monkeypatch.setattr(trainer_module.dist, "all_reduce", all_reduce)
+    steps = []
+    real_step = trainer._meta_step
+    monkeypatch.setattr(trainer, "_meta_step", lambda opt, loss: steps.append(1) or real_step(opt, loss))
+    trainer.run_epoch()
+    assert len(steps) == 2  # 3 truncations, the first without a meta-step; both members stay here
