@@ -125,7 +125,8 @@ def main(argv=None) -> dict:
             if name in ev.BASELINES:
                 continue
             torch.manual_seed(0)
-            weights[name] = str(learned_optim.save_weights(learned_optim.build_rule(name), Path(tmp) / f"{name}.safetensors"))
+            path = Path(tmp) / f"{name}.safetensors"
+            weights[name] = str(learned_optim.save_weights(learned_optim.build_rule(name), path))
         for task in tasks:
             data, data_info[task] = test_split(task, args.data_root, args.device)
             for name in names:

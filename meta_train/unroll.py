@@ -199,7 +199,8 @@ def _staged_population_step(rule: Rule, grad: Tensor, state: State, step) -> tup
     t = numels.numel()
     coord, tensor_h, glob_h = state["coord"], state["tensor"], state["glob"]
     # what each coordinate needs from its own member as a whole (the member's mean log-lr): (P, K*n)
-    pre_means = rule.pre_sums(list(coord.unflatten(1, (k, n)).unbind(1))) / n
+    pre_sums = vmap(lambda member: rule.pre_sums([member])[:, 0], in_dims=1, out_dims=1)
+    pre_means = pre_sums(coord.unflatten(1, (k, n))) / n
     context = rule.prepare(tensor_h, glob_h.repeat_interleave(t, dim=1), pre_means.repeat_interleave(n, dim=1))
     raw_update, new_coord, sums = rule.coord_stage(grad.reshape(-1), coord, context, step, None, numels.tolist() * k)
     norm, tensor_new, glob_new = vmap(rule.tensor_stage, in_dims=(1, None, 1, 1), out_dims=(0, 1, 1))(
