@@ -414,6 +414,7 @@ class Trainer:
                                f"number (now {self.world})")
         not_recipe = ("epochs", "resume", "overwrite", "progress", "device", "data_root", "out")
         saved = {k: v for k, v in ckpt["config"].items() if k not in not_recipe}
+        saved.setdefault("population", 1)  # a checkpoint written before populations: one optimizee
         now = {k: v for k, v in self.cfg.__dict__.items() if k in saved}
         extend = None
         if ckpt["curriculum"] is not None and self.curriculum is not None:

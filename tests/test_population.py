@@ -417,3 +417,15 @@ def test_a_member_diverging_on_another_rank_skips_the_meta_step_here_too(tmp_pat
     monkeypatch.setattr(trainer, "_meta_step", lambda opt, loss: steps.append(1) or real_step(opt, loss))
     trainer.run_epoch()
     assert len(steps) == 2  # 3 truncations, the first without a meta-step; both members stay here
+
+
+def test_a_checkpoint_from_before_populations_resumes_only_as_one_optimizee(tmp_path, small_root):
+    out = tmp_path / "old"
+    args = ["--model", "dm", "--horizons", "20", "--unroll", "10", "--eval-every", "1", "--eval-runs", "1",
+            "--no-progress", "--threads", "1", "--out", str(out)]
+    assert run_main([*args, "--epochs", "1"], small_root) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    del ckpt["config"]["population"], ckpt["population_generators"]  # as written before populations existed
+    torch.save(ckpt, out / "checkpoint.pt")
+    assert run_main([*args, "--epochs", "2", "--resume", "--population", "2"], small_root) != 0
+    assert run_main([*args, "--epochs", "2", "--resume"], small_root) == 0
