@@ -61,7 +61,34 @@ def write_synthetic_cifar10(root: Path, per_batch: int = 20) -> Path:
 @functools.lru_cache(maxsize=None)
 def imitation_trained_rule(name: str, meta_steps: int = 150, seed: int = 0):
     """A rule taught to imitate Adam(lr=0.01) on random quadratics (a few seconds): a rule that
-    reliably goes downhill, for the optimizer conformance tests."""
+    reliably goes downhill, for the optimizer conformance tests. Trained once per machine: the weights are kept
+    in the temporary folder, keyed on this file, the rule's source and the torch version (pytest-xdist workers
+    and later runs load them instead of training again)."""
+    import hashlib
+    import os
+    import tempfile
+
+    import learned_optim
+    from learned_optim import rules
+
+    sources = [Path(__file__), Path(rules.__file__).parent / f"{name}.py", Path(rules.__file__).parent / "base.py"]
+    key = hashlib.sha256("|".join([name, str(meta_steps), str(seed), torch.__version__,
+                                   *(p.read_text() for p in sources if p.exists())]).encode()).hexdigest()[:20]
+    cache = Path(tempfile.gettempdir()) / "learned_optim_tests" / f"{name}-{key}.safetensors"
+    if cache.is_file():
+        try:
+            return learned_optim.load_rule(cache).eval().requires_grad_(False)
+        except Exception:  # a damaged cache file: train again
+            pass
+    rule = _train_imitation_rule(name, meta_steps, seed)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    learned_optim.save_weights(rule, tmp)
+    os.replace(tmp, cache)
+    return rule
+
+
+def _train_imitation_rule(name: str, meta_steps: int, seed: int):
     from learned_optim import build_rule
 
     torch.manual_seed(seed)

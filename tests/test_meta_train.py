@@ -452,15 +452,30 @@ def test_killed_run_resumes(tmp_path, small_root):
 
 
 def test_sigterm_checkpoints_and_exits(tmp_path, small_root):
+    """In this process: a helper thread sends SIGTERM once the first checkpoint exists (the trainer's handler is
+    installed by then); the run checkpoints and exits with 128 + SIGTERM."""
+    import threading
+
     out = tmp_path / "term"
-    proc, _ = _start_long_run(out, small_root)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM
+    args = ["--model", "dm", "--horizons", "40", "--epochs", "400", "--eval-every", "1", "--eval-runs", "1",
+            "--no-progress", "--threads", "1", "--out", str(out)]
+
+    def terminate():
+        deadline = time.time() + 120
+        while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate, daemon=True)
+    killer.start()
+    code, _ = run_main(args, small_root)
+    killer.join()
+    assert code == 128 + signal.SIGTERM
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     epochs = [json.loads(l)["epoch"] for l in (out / "log.jsonl").read_text().splitlines()
               if json.loads(l)["type"] == "epoch"]
-    assert ckpt["epoch"] == epochs[-1]  # the checkpoint holds every logged epoch
+    assert ckpt["epoch"] == epochs[-1] < 400  # stopped early, and the checkpoint holds every logged epoch
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the trainer put the previous handler back
 
 
 def test_two_processes_with_torchrun(tmp_path, small_root):
