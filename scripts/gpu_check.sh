@@ -2,17 +2,22 @@
 # One command for a machine with a CUDA GPU: the `cuda` tests, then the step() benchmark at 1M, 10M and
 # 100M parameters (one matrix and many tensors; L2O-DM, RNNprop, L2O-Scale next to Adam; the torch and the
 # Triton backends, the torch backend of DM/RNNprop skipped at 100M), a sweep of the fused kernel's launch
-# configuration at 10M, and the meta-training step benchmark. Everything lands in one folder (default
+# configuration at 10M, the meta-training step with populations of 1, 8 and 64 optimizees, and the batched
+# evaluation against one seed at a time. Everything lands in one folder (default
 # benchmarks/results/gpu): a log per stage, the JSON of each benchmark, junit XML of the tests and
 # summary.json (the bar: DM/RNNprop step within 2x the bandwidth floor at 10M and 3x at 1M, many tensors
 # within 1.5x one matrix). Each stage has a time cap so that the whole run stays under 8 minutes on an H200.
 #
 #     bash scripts/gpu_check.sh [OUT_DIR]
+#
+# The meta-step and evaluation benchmarks read MNIST from $LEARNED_OPTIM_DATA, default ./data (git-ignored: copy
+# torchvision's MNIST folder there, e.g. `mkdir -p data && cp -r /path/to/data/MNIST data/`, and send it along).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export LEARNED_OPTIM_DATA=${LEARNED_OPTIM_DATA:-$PWD/data}
 unset TRITON_INTERPRET  # the interpreter runs CPU tensors only
 SWEEP=${SWEEP:-"32x2,128x8,64x4:tf32x3:128,64x4:tf32x3:168,64x4:tf32"}  # BLOCKxWARPS[:PRECISION[:MAXNREG]]
 status=0
@@ -67,19 +72,22 @@ for cfg in filter(None, sys.argv[1].split(",")):
 print("\n".join(lstm.precompile(variants)))
 EOF
 
-stage cuda-tests 140 python -m pytest -q -p no:cacheprovider -m cuda tests/test_kernels.py tests/test_cuda.py \
+stage cuda-tests 120 python -m pytest -q -p no:cacheprovider -m cuda tests/test_kernels.py tests/test_cuda.py \
     --junitxml "$OUT/cuda-tests.xml"
 
 BENCH=(python benchmarks/step.py --device cuda --models dm,rnnprop,scale --no-memory)
 stage step-1M 45 "${BENCH[@]}" --sizes 1M --backends torch,triton --repeats 10 --warmup 2 --out "$OUT/step_1M.json"
 stage step-10M 75 "${BENCH[@]}" --sizes 10M --backends torch,triton --repeats 5 --warmup 1 --bf16-size '' \
     --out "$OUT/step_10M.json"
-stage step-100M 65 "${BENCH[@]}" --sizes 100M --backends triton --repeats 3 --warmup 1 --bf16-size 100M \
+stage step-100M 55 "${BENCH[@]}" --sizes 100M --backends triton --repeats 3 --warmup 1 --bf16-size 100M \
     --no-gemm-floor --out "$OUT/step_100M.json"
 stage sweep-10M 30 python benchmarks/step.py --device cuda --models dm,rnnprop --sizes 10M --shapes matrix \
     --backends triton --triton-configs "$SWEEP" --repeats 5 --warmup 1 --bf16-size '' --no-gemm-floor --no-memory \
     --out "$OUT/sweep_10M.json"
-stage meta-step 35 python benchmarks/meta_step.py --device cuda --out "$OUT/meta_step.json"
+stage meta-step 60 python benchmarks/meta_step.py --device cuda --population 1,8,64 --repeats 10 \
+    --out "$OUT/meta_step.json"
+stage evaluate-speed 40 python benchmarks/evaluate_speed.py --device cuda --optimizers adam,dm,rnnprop --steps 1000 \
+    --out "$OUT/evaluate_speed.json"
 
 python - "$OUT" <<'EOF' | tee "$OUT/summary.json"
 import json, sys
