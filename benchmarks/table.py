@@ -95,6 +95,56 @@ def render(step_path: Path, meta_path: Path) -> str:
     return "\n\n".join(parts)
 
 
+def _case(step: dict, size: str, shape: str) -> dict | None:
+    return next((c for c in step.get("results", []) if c["size"] == size and c["shape"] == shape and
+                 "optimizers" in c), None)
+
+
+def summary_table(step: dict, meta: dict | None, evaluate: dict | None, size: str = "1M") -> str:
+    """The README's one speed table: step() at ``size`` parameters (one matrix, many tensors), the meta-training
+    step (one optimizee, a population of 8) and the batched evaluation, each next to its torch reference."""
+    models = [("dm", "L2ODM"), ("rnnprop", "RNNprop"), ("scale", "L2OScale")]
+    env = step.get("env", {})
+    lines = [f"CPU ({env.get('cpu_model', '?')}), {env.get('threads', '?')} thread, torch {env.get('torch', '?')}; "
+             "each row measured side by side in one run (`benchmarks/`, JSON in `benchmarks/results/`).", "",
+             "| measurement | " + " | ".join(f"`{n}`" for _, n in models) + " | reference |",
+             "|---|" + "---:|" * len(models) + "---|"]
+    for shape in ("matrix", "many"):
+        case = _case(step, size, shape)
+        if case is None:
+            continue
+        opts = case["optimizers"]
+        cells = [f"{_ms(opts[m]['median_ms'])} ms ({opts[m]['ratio_to_adam']:.0f}× Adam)" if m in opts else "–"
+                 for m, _ in models]
+        what = "one matrix" if shape == "matrix" else f"{case['n_tensors']} tensors"
+        lines.append(f"| `step()`, {size} parameters in {what} | " + " | ".join(cells)
+                     + f" | Adam {_ms(opts['adam']['median_ms'])} ms |")
+    if meta:
+        by_k = meta.get("results_by_population") or {"1": meta.get("results", {})}
+        one = by_k.get("1", {})
+        if one:
+            cells = [f"{_ms(one[m]['meta_ms_per_step']['median_ms'])} ms" if m in one else "–" for m, _ in models]
+            plain = next(iter(one.values()))["plain_fwd_bwd_ms_per_step"]["median_ms"]
+            lines.append("| meta-training, per unrolled optimizee step (MLP-orig, unroll 20) | " + " | ".join(cells)
+                         + f" | optimizee forward+backward {_ms(plain)} ms |")
+        for k in sorted((k for k in by_k if k != "1"), key=int):
+            r = by_k[k]
+            cells = [f"{_ms(r[m]['meta_ms_per_step']['median_ms'] / int(k))} ms" if m in r else "–" for m, _ in models]
+            lines.append(f"| meta-training with a population of {k}, per optimizee step | " + " | ".join(cells)
+                         + " | the row above (one optimizee) |")
+    if evaluate:
+        rows = {r["optimizer"]: r for r in evaluate.get("results", []) if r.get("task") == "mlp-orig"}
+        if rows:
+            cells = [f"{rows[m]['speedup_batched']:.2f}×" if m in rows else "–" for m, _ in models]
+            ref = f"Adam {rows['adam']['speedup_batched']:.2f}×" if "adam" in rows else ""
+            lines.append("| evaluation, 10 seeds as one population: speed-up over one seed at a time (MLP-orig) | "
+                         + " | ".join(cells) + f" | {ref} |")
+    lines += ["", "On a GPU, L2O-DM and RNNprop step with a fused Triton kernel (one launch per param group) and "
+              "meta-training and evaluation run populations; these are built and tested (through Triton's "
+              "interpreter on the CPU) but not yet timed on a GPU: `scripts/gpu_check.sh` measures them on one."]
+    return "\n".join(lines)
+
+
 def replace_between_markers(text: str, body: str) -> str | None:
     i, j = text.find(START), text.find(END)
     if i < 0 or j < 0 or j < i:
@@ -107,8 +157,17 @@ def main(argv=None) -> int:
     ap.add_argument("--step", type=Path, default=HERE / "results" / "step.json")
     ap.add_argument("--meta", type=Path, default=HERE / "results" / "meta_step.json")
     ap.add_argument("--readme", type=Path, default=None, help="replace the text between the bench markers")
+    ap.add_argument("--summary", action="store_true",
+                    help="one compact table (the project README's) from step.json, meta_step_population.json and "
+                         "evaluate_speed.json instead of the detailed tables")
     args = ap.parse_args(argv)
-    body = render(args.step, args.meta)
+    if args.summary:
+        results = HERE / "results"
+        load = lambda name: json.loads((results / name).read_text()) if (results / name).exists() else None  # noqa
+        body = summary_table(json.loads(args.step.read_text()), load("meta_step_population.json"),
+                             load("evaluate_speed.json"))
+    else:
+        body = render(args.step, args.meta)
     print(body)
     if args.readme is not None:
         text = args.readme.read_text()
