@@ -399,7 +399,7 @@ def recipe_summary(recipe: dict) -> str:
     scale = recipe.get("random_scale") or 0
     parts.append(f"random scaling B = {scale:g}" if scale else "random scaling off")
     if "epochs_run" in recipe:
-        parts.append(f"{recipe['epochs_run']} epochs")
+        parts.append(f"from a run of {recipe['epochs_run']} epochs")
     return "; ".join(parts)
 
 

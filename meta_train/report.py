@@ -208,7 +208,7 @@ def smoothed_ln_curve(result: dict[str, Any], window: int = 100) -> list[tuple[i
             chunk = [v for t, v in zip(steps, losses) if end - window <= t < end]
             if not chunk or any(x is None or not math.isfinite(x) for x in chunk):
                 return out
-            values.append(math.log(sum(chunk) / len(chunk)))
+            values.append(math.log(max(sum(chunk) / len(chunk), LN_FLOOR_LOSS)))
         out.append((end, sum(values) / len(values)))
     return out
 
@@ -307,6 +307,8 @@ def claims_markdown(cells: dict[tuple[str, str], dict[str, Any]]) -> str:
 
 # ----------------------------------------------------------------------------------- README, docs, figure
 FIGURE_LEARNED = ("rnnprop", "rnnprop-cl-il", "dm-cl-il")  # the learned optimizers drawn in the figure
+LN_FLOOR_LOSS = 1e-45  # as meta_train.evaluate: ln of an exactly-zero mean loss uses float32's smallest value
+FIGURE_WINDOW = 200  # steps per plotted point: ln of the window's mean loss (as the final loss), mean over seeds
 
 
 def _rank_key(result: dict[str, Any]) -> tuple:
@@ -366,14 +368,13 @@ def summary_markdown(cells: dict[tuple[str, str], dict[str, Any]], figure: str |
 
 def results_figure(cells: dict[tuple[str, str], dict[str, Any]], path: str | os.PathLike,
                    learned: tuple[str, ...] = FIGURE_LEARNED) -> Path:
-    """One panel per task: ln loss against step, mean over seeds, of ``learned`` (solid) and of the selected
-    tuned baselines (dashed)."""
+    """One panel per task: ln of the mean loss of each window of FIGURE_WINDOW steps (what the final loss is
+    for the last 100), mean over seeds, of ``learned`` (solid) and of the selected tuned baselines (dashed).
+    A curve stops where a seed hit NaN/Inf."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .evaluate import ln_curve_stats, plot_window
 
     tasks = _order_tasks({t for t, _ in cells})
     cols = 4
@@ -387,9 +388,10 @@ def results_figure(cells: dict[tuple[str, str], dict[str, Any]], path: str | os.
             result = cells.get((task, label))
             if result is None:
                 continue
-            steps = result["steps"]
-            positions = [curve_store.points(result, i)[0] for i in range(len(result["losses"]))]
-            x, mean, _ = ln_curve_stats(result["losses"], steps, plot_window(result), positions)
+            curve = smoothed_ln_curve(result, window=FIGURE_WINDOW)
+            if not curve:
+                continue
+            x, mean = [t - FIGURE_WINDOW / 2 for t, _ in curve], [v for _, v in curve]
             name = label if result.get("rule") is not None else f"{label} (tuned)"
             (line,) = ax.plot(x, mean, lw=1.3, color=colors[label], ls="-" if result.get("rule") else "--")
             handles[name] = line
