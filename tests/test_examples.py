@@ -22,3 +22,13 @@ def test_train_mnist_example_writes_the_plot(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "final ln loss" in printed and "Adam(lr=0.01)" in printed and "RNNprop(weights=" in printed
     assert "step 30/30" in printed  # progress while it trains
+
+
+def test_readme_quick_start_runs_as_written(capsys):
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    code = re.search(r"## Quick start\n\n```python\n(.*?)```", readme, re.S).group(1)
+    exec(compile(code, "README.md quick start", "exec"), {})
+    loss = float(re.search(r"loss ([0-9.]+)", capsys.readouterr().out).group(1))
+    assert loss < 1.0  # it trains (from ln 10 = 2.303)
