@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every evaluation the README table needs, in priority order; each command resumes where it stopped
-# (finished seeds are kept in results/.partial), so this can be killed and rerun across sessions.
+# (finished seeds are kept in results/.partial), so this can be killed and rerun at any time.
 #   1. tuned baselines of every MNIST task (coarse grid, then the best lr at 10 x 10k; MLPs also the fine step)
 #   2. the CL+IL optimizers on every task (claims c and e)
 #   3. every other bundled name on MLP-orig (claims a, b, d, f), then on the other tasks
