@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import emit  # benchmarks/common.py (this folder is on sys.path when a script runs)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -173,12 +174,7 @@ def main(argv=None) -> dict:
                                 "optimizer set-up; protocol_10x10000_s extrapolates linearly to 10 seeds x 10,000 "
                                 "steps"},
            "results": results}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    return out
+    return emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import emit  # benchmarks/common.py (this folder is on sys.path when a script runs)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -282,12 +283,7 @@ def main(argv=None) -> dict:
                                 "per unrolled step (mean).",
                       "data": data},
            "results": results, "results_by_population": by_population}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    return out
+    return emit(out, args.out)
 
 
 if __name__ == "__main__":

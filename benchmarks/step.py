@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from common import emit  # benchmarks/common.py (this folder is on sys.path when a script runs)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -568,12 +569,7 @@ def main(argv=None) -> dict:
                   + f" ({case['wall_s']:.0f} s)", file=sys.stderr, flush=True)
     out["env"]["load_avg_end"] = list(os.getloadavg())
     out["env"]["wall_s"] = time.perf_counter() - t_start
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    return out
+    return emit(out, args.out)
 
 
 if __name__ == "__main__":

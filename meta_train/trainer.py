@@ -268,12 +268,7 @@ class Trainer:
         # random scaling (if enabled) holds for the whole epoch, imitation included; validation never sees it
         traj, task = start_scaled(self.rule, self.task, self.gen, self.cfg.random_scale)
         losses, meta_losses = [], []
-        if imitation:
-            teacher = Teacher(self.cfg.teacher, traj.theta, lr=self.cfg.teacher_lr)
-        override = None
-        if self.self_improving is not None and not imitation:
-            self.self_improving.begin_epoch(traj.theta)
-            override = self.self_improving.override(self.epoch, self.coin)
+        teacher, override = self._epoch_guides(traj.theta, imitation)
         for _ in range(math.ceil(horizon / unroll)):
             if imitation:
                 loss, traj = imitation_unroll(self.rule, task, traj, teacher, unroll, self.gen)
@@ -292,6 +287,15 @@ class Trainer:
                 "mean_ln_loss": (sum(math.log(max(v, 1e-30)) for v in losses) / len(losses)) if losses else None,
                 "population": self.cfg.population}
 
+    def _epoch_guides(self, theta, imitation: bool):
+        """(the teacher of an imitation epoch or None, the self-improving step override or None)."""
+        teacher = Teacher(self.cfg.teacher, theta, lr=self.cfg.teacher_lr) if imitation else None
+        override = None
+        if self.self_improving is not None and not imitation:
+            self.self_improving.begin_epoch(theta)
+            override = self.self_improving.override(self.epoch, self.coin)
+        return teacher, override
+
     def _on_every_rank(self, flag: bool) -> bool:
         """``flag`` and-ed over the processes (so that every rank takes the same meta-steps)."""
         if self.world == 1:
@@ -309,12 +313,7 @@ class Trainer:
         gens = list(self.member_gens)
         traj, task = start_population(self.rule, self.task, gens, self.cfg.random_scale)
         ln_sum, ln_count, final, meta_losses = 0.0, 0, None, []
-        if imitation:
-            teacher = Teacher(self.cfg.teacher, traj.theta, lr=self.cfg.teacher_lr)
-        override = None
-        if self.self_improving is not None and not imitation:
-            self.self_improving.begin_epoch(traj.theta)
-            override = self.self_improving.override(self.epoch, self.coin)
+        teacher, override = self._epoch_guides(traj.theta, imitation)
         for _ in range(math.ceil(horizon / unroll)):
             if imitation:
                 loss, traj = population_imitation_unroll(self.rule, task, traj, teacher, unroll, gens)
