@@ -30,7 +30,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import emit  # benchmarks/common.py (this folder is on sys.path when a script runs)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit  # noqa: E402  (benchmarks/common.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from common import emit  # benchmarks/common.py (this folder is on sys.path when a script runs)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit  # noqa: E402  (benchmarks/common.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
