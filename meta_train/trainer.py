@@ -277,8 +277,10 @@ class Trainer:
                 loss, traj, values = meta_unroll(self.rule, task, traj, unroll, self.gen,
                                                  objective=self.r["objective"], step_override=override)
                 losses.extend(values)
-                if not math.isfinite(float(loss.detach())):
-                    break  # a diverged optimizee: skip the rest of the trajectory, keep the rule
+                # a diverged optimizee (on any rank: the ranks' meta-steps all-reduce together) ends the
+                # trajectory on every rank; the rule is kept
+                if not self._on_every_rank(math.isfinite(float(loss.detach()))):
+                    break
                 self._meta_step(self.meta_opt, loss)
             meta_losses.append(float(loss.detach()))
         return {"type": "epoch", "epoch": self.epoch + 1, "stage": self.stage, "horizon": horizon,
