@@ -363,7 +363,26 @@ def summary_markdown(cells: dict[tuple[str, str], dict[str, Any]], figure: str |
         name = f"`{ours['label']}`" if ours else "–"
         base = f"{theirs['label']} (lr {theirs['lr']:g})" if theirs else "–"
         lines.append(f"| {task} | {name} | {_short(ours)} | {base} | {_short(theirs)} | {won} |")
+    lines += ["", recipes_sentence()]
     return "\n".join(lines) + "\n"
+
+
+def recipes_sentence() -> str:
+    """One sentence on the bundled files' recipes: which had random scaling (``--random-scale``) on."""
+    from learned_optim.weights import read_metadata, registry, resolve_weights
+
+    scaled = {}
+    for name in sorted(registry()):
+        bound = read_metadata(resolve_weights(name))["recipe"].get("random_scale") or 0
+        if bound:
+            scaled[name] = bound
+    if not scaled:
+        on = "was off in the recipe of every bundled file"
+    else:
+        listed = ", ".join(f"`{n}` (B = {b:g})" for n, b in scaled.items())
+        on = f"was on in the recipe of {listed} and off for the other bundled files"
+    return ("Random scaling of the optimizee during meta-training (`--random-scale`, the paper code's `if_scale`) "
+            f"{on}; [docs/weights.md](docs/weights.md) has each file's recipe.")
 
 
 def results_figure(cells: dict[tuple[str, str], dict[str, Any]], path: str | os.PathLike,

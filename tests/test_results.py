@@ -114,3 +114,21 @@ def test_committed_readme_and_docs_are_what_the_report_writes(tmp_path):
     assert readme.read_text().replace("../", "") == (REPO / "README.md").read_text().replace("../", "")
     for name in ("reproduction.md", "weights.md"):
         assert (docs / name).read_text() == (REPO / "docs" / name).read_text(), name
+
+
+def test_the_readme_says_which_bundled_files_had_random_scaling(monkeypatch):
+    import learned_optim.weights as weights
+
+    real = weights.read_metadata
+
+    def fake(path):
+        meta = real(path)
+        scaled = str(path).endswith("rnnprop.safetensors")
+        return {**meta, "recipe": {**meta["recipe"], "random_scale": 3.0 if scaled else 0}}
+
+    monkeypatch.setattr(weights, "read_metadata", fake)
+    text = report.recipes_sentence()
+    assert "was on in the recipe of `rnnprop` (B = 3) and off for the other bundled files" in text
+    monkeypatch.setattr(weights, "read_metadata",
+                        lambda path: {**real(path), "recipe": {**real(path)["recipe"], "random_scale": 0}})
+    assert "was off in the recipe of every bundled file" in report.recipes_sentence()
