@@ -1,0 +1,62 @@
+"""The bundled ``rnnprop`` (meta-trained with random scaling, B = 3) against the file it replaced (the same recipe
+without it, kept in ``results/superseded/rnnprop-unscaled__TASK.json``) on every task, with the tuned baselines of
+the results table. Prints a markdown table for docs/findings.md:
+
+    python scripts/experiments/random_scaling.py [--results results]
+
+Per task: mean ± std of the ln final loss over the seeds; "better" counts the seeds (same initialisation and
+batches) on which the new file ends lower than the old one; "wins A/R/S" the seeds on which it ends lower than the
+tuned Adam / RMSprop / SGD shown in the README's results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from meta_train import report  # noqa: E402
+
+
+def _per_seed(result: dict) -> dict[int, float | None]:
+    return dict(zip(result["seeds"], result["final_ln_loss"]))
+
+
+def _lower(a: dict, b: dict) -> str:
+    mine, other = _per_seed(a), _per_seed(b)
+    common = [s for s in mine if s in other]
+    wins = sum(mine[s] is not None and (other[s] is None or mine[s] < other[s]) for s in common)
+    return f"{wins}/{len(common)}"
+
+
+def _minus(text: str) -> str:
+    return text.replace("-", "\u2212")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", default="results")
+    args = ap.parse_args(argv)
+    results = Path(args.results)
+    cells = report.select_cells(*report.load_results(results))
+    lines = ["| task | `rnnprop`, random scaling B = 3 | before (B = 0) | better | wins A/R/S | tuned Adam / RMSprop / SGD |",
+             "|---|---|---|---|---|---|"]
+    for task in report._order_tasks({t for t, _ in cells}):
+        new = cells.get((task, "rnnprop"))
+        old_path = results / "superseded" / f"rnnprop-unscaled__{task}.json"
+        if new is None or not old_path.exists():
+            continue
+        old = json.loads(old_path.read_text())
+        tuned = [cells.get((task, b)) for b in report.BASELINE_ORDER]
+        wins = " / ".join(_lower(new, t).split("/")[0] if t else "–" for t in tuned)
+        values = " / ".join(_minus(f"{t['final_ln_loss_mean']:.2f}") if t else "–" for t in tuned)
+        lines.append(f"| {task} | {_minus(report._short(new))} | {_minus(report._short(old))} | {_lower(new, old)} | "
+                     f"{wins} | {values} |")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
