@@ -132,3 +132,13 @@ def test_the_readme_says_which_bundled_files_had_random_scaling(monkeypatch):
     monkeypatch.setattr(weights, "read_metadata",
                         lambda path: {**real(path), "recipe": {**real(path)["recipe"], "random_scale": 0}})
     assert "was off in the recipe of every bundled file" in report.recipes_sentence()
+
+
+def test_claim_d_says_when_a_pair_differs_in_random_scaling(monkeypatch):
+    bounds = {"rnnprop": 3.0, "rnnprop-cl-il": 0.0, "scale": 0.0, "scale-cl-il": 0.0}
+    monkeypatch.setattr(report, "_random_scale", bounds.get)
+    pairs = [("rnnprop", "rnnprop-cl-il"), ("scale", "scale-cl-il")]
+    text = report._scaling_caveat(pairs)
+    assert "`rnnprop` with random scaling B = 3, `rnnprop-cl-il` without" in text and "scale" not in text
+    bounds["rnnprop"] = 0.0
+    assert report._scaling_caveat(pairs) == ""
