@@ -215,12 +215,16 @@ def smoothed_ln_curve(result: dict[str, Any], window: int = 100) -> list[tuple[i
 
 def _random_scale(name: str) -> float | None:
     """The random-scaling bound in the recipe of the bundled file ``name`` (0: off); None if it cannot be read."""
-    from learned_optim.weights import read_metadata, resolve_weights
+    from learned_optim.weights import WeightsError, read_metadata, resolve_weights
 
     try:
         return float(read_metadata(resolve_weights(name))["recipe"].get("random_scale") or 0)
-    except Exception:  # not bundled here, or unreadable: no caveat rather than a wrong one
+    except WeightsError:  # not bundled here, or unreadable: no caveat rather than a wrong one
         return None
+
+
+def _with_scaling(name: str, bound: float) -> str:
+    return f"`{name}` with random scaling B = {bound:g}" if bound else f"`{name}` without"
 
 
 def _scaling_caveat(pairs: list[tuple[str, str]]) -> str:
@@ -229,9 +233,7 @@ def _scaling_caveat(pairs: list[tuple[str, str]]) -> str:
     for a, b in pairs:
         ra, rb = _random_scale(a), _random_scale(b)
         if ra is not None and rb is not None and ra != rb:
-            def say(name, r):
-                return f"`{name}` with random scaling B = {r:g}" if r else f"`{name}` without"
-            notes.append(f"{say(a, ra)}, {say(b, rb)}")
+            notes.append(f"{_with_scaling(a, ra)}, {_with_scaling(b, rb)}")
     if not notes:
         return ""
     which = "this pair differs" if len(notes) == 1 else "these pairs differ"
@@ -395,13 +397,9 @@ def summary_markdown(cells: dict[tuple[str, str], dict[str, Any]], figure: str |
 
 def recipes_sentence() -> str:
     """One sentence on the bundled files' recipes: which had random scaling (``--random-scale``) on."""
-    from learned_optim.weights import read_metadata, registry, resolve_weights
+    from learned_optim.weights import registry
 
-    scaled = {}
-    for name in sorted(registry()):
-        bound = read_metadata(resolve_weights(name))["recipe"].get("random_scale") or 0
-        if bound:
-            scaled[name] = bound
+    scaled = {name: bound for name in sorted(registry()) if (bound := _random_scale(name))}
     if not scaled:
         on = "was off in the recipe of every bundled file"
     else:

@@ -20,17 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from meta_train import report  # noqa: E402
 
 
-def _per_seed(result: dict) -> dict[int, float | None]:
-    return dict(zip(result["seeds"], result["final_ln_loss"]))
-
-
-def _lower(a: dict, b: dict) -> str:
-    mine, other = _per_seed(a), _per_seed(b)
-    common = [s for s in mine if s in other]
-    wins = sum(mine[s] is not None and (other[s] is None or mine[s] < other[s]) for s in common)
-    return f"{wins}/{len(common)}"
-
-
 def _minus(text: str) -> str:
     return text.replace("-", "\u2212")
 
@@ -50,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         old = json.loads(old_path.read_text())
         tuned = [cells.get((task, b)) for b in report.BASELINE_ORDER]
-        wins = " / ".join(_lower(new, t).split("/")[0] if t else "–" for t in tuned)
+        wins = " / ".join(report._seeds_won(new, t).split("/")[0] if t else "–" for t in tuned)
         values = " / ".join(_minus(f"{t['final_ln_loss_mean']:.2f}") if t else "–" for t in tuned)
-        lines.append(f"| {task} | {_minus(report._short(new))} | {_minus(report._short(old))} | {_lower(new, old)} | "
+        lines.append(f"| {task} | {_minus(report._short(new))} | {_minus(report._short(old))} | {report._seeds_won(new, old)} | "
                      f"{wins} | {values} |")
     print("\n".join(lines))
     return 0
