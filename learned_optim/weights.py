@@ -398,6 +398,8 @@ def recipe_summary(recipe: dict) -> str:
         parts.append("self-improving")
     scale = recipe.get("random_scale") or 0
     parts.append(f"random scaling B = {scale:g}" if scale else "random scaling off")
+    if recipe.get("fixed_validation"):
+        parts.append("fixed validation optimizees")
     if "epochs_run" in recipe:
         parts.append(f"from a run of {recipe['epochs_run']} epochs")
     return "; ".join(parts)

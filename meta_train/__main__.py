@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "mean. Split evenly across torchrun processes; validation then runs its --eval-runs "
                          "optimizees as one population too (default 1: one optimizee per process)")
     ap.add_argument("--min-evals", type=int, default=3, help="N_period: validations per stage at least")
+    ap.add_argument("--fixed-validation", action="store_true",
+                    help="validate on the same --eval-runs optimizees (initialisation and batches) every time "
+                         "instead of fresh ones (the paper's code), so that the curriculum's improved / no "
+                         "improvement decisions compare rules, not draws")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return ap
@@ -133,6 +137,7 @@ def main(argv=None) -> None:
                  unroll=args.unroll, eval_every=args.eval_every, eval_runs=args.eval_runs,
                  imitation_ratio=args.imitation_ratio, teacher=args.teacher, teacher_lr=args.teacher_lr,
                  meta_lr=args.meta_lr, min_evals=args.min_evals, random_scale=args.random_scale,
+                 fixed_validation=args.fixed_validation,
                  population=args.population,
                  progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
     try:

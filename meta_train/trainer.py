@@ -122,6 +122,7 @@ class Config:
     meta_lr: float | None = None
     min_evals: int = 3
     random_scale: float = 0.0
+    fixed_validation: bool = False
     population: int = 1
     overwrite: bool = False
     progress: bool = True
@@ -352,15 +353,19 @@ class Trainer:
                 "population": self.cfg.population}
 
     def validate(self, horizon: int) -> float:
-        """Mean over fresh optimizees of the mean loss of the last 10 steps (lower is better)."""
+        """Mean over ``eval_runs`` optimizees of the mean loss of their last 10 steps (lower is better).
+
+        The optimizees (initialisation and batches) are fresh at every validation, as in the paper's code, or,
+        with ``fixed_validation``, the same ones every time, so that two validations compare two rules and not
+        two draws of optimizees."""
         self.num_evals += 1
         runs = self.r["eval_runs"]
         mine = range(self.rank, runs, self.world)
         finals = []
         was_training = self.rule.training
         self.rule.eval()
-        gens = [torch.Generator().manual_seed(10_000_019 * (self.cfg.seed + 1) + 7919 * self.num_evals + i)
-                for i in mine]
+        draw = 0 if self.cfg.fixed_validation else self.num_evals
+        gens = [torch.Generator().manual_seed(10_000_019 * (self.cfg.seed + 1) + 7919 * draw + i) for i in mine]
         if self.cfg.population > 1:  # the rank's validation optimizees as one population
             curves = population_rollout(self.rule, self.task, horizon, gens) if gens else []
         else:
@@ -416,6 +421,7 @@ class Trainer:
         not_recipe = ("epochs", "resume", "overwrite", "progress", "device", "data_root", "out")
         saved = {k: v for k, v in ckpt["config"].items() if k not in not_recipe}
         saved.setdefault("population", 1)  # a checkpoint written before populations: one optimizee
+        saved.setdefault("fixed_validation", False)  # written before the option: fresh optimizees
         now = {k: v for k, v in self.cfg.__dict__.items() if k in saved}
         extend = None
         if ckpt["curriculum"] is not None and self.curriculum is not None:
@@ -575,6 +581,7 @@ class Trainer:
                 "epochs_run": self.epoch, "eval_every": self.r["eval_every"], "eval_runs": self.r["eval_runs"],
                 "imitation_ratios": self.r["imitation_ratios"], "teacher": self.cfg.teacher,
                 "teacher_lr": self.cfg.teacher_lr, "random_scale": self.cfg.random_scale,
+                "fixed_validation": self.cfg.fixed_validation,
                 "population": self.cfg.population,
                 "meta_optimizer": self.r["meta_optimizer"],
                 "meta_lr": self.r["meta_lr"], "objective": self.r["objective"],

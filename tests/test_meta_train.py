@@ -547,3 +547,26 @@ def test_refresh_embeds_only_the_evaluations_of_these_weights(tmp_path):
     assert registry["my-dm"]["sha256"] == W.sha256_file(dst)
     assert "-5.0" in (pretrained / "my-dm.md").read_text()
     assert export_main(["--refresh", "nope", "--pretrained-dir", str(pretrained), "--results", str(results)]) == 2
+
+
+def test_fixed_validation_reuses_the_optimizees_and_fresh_validation_does_not(tmp_path, small_root):
+    fresh = _tiny_trainer(tmp_path / "fresh", small_root)
+    fixed = _tiny_trainer(tmp_path / "fixed", small_root, fixed_validation=True)
+    # the same rule validated twice: fresh optimizees move the number, fixed ones do not
+    assert fresh.validate(30) != fresh.validate(30)
+    first = fixed.validate(30)
+    assert fixed.validate(30) == first
+    fixed.run_epoch()
+    assert fixed.validate(30) != first  # the rule changed, the optimizees did not
+    assert fixed.recipe()["fixed_validation"] is True and fresh.recipe()["fixed_validation"] is False
+    assert "fixed validation optimizees" in learned_optim.weights.recipe_summary(fixed.recipe())
+
+
+def test_fixed_validation_is_part_of_the_recipe_on_resume(tmp_path, small_root, capsys):
+    out = tmp_path / "run"
+    tiny = [*TINY[:TINY.index("--epochs") + 1], "2", *TINY[TINY.index("--epochs") + 2:]]
+    code, _ = run_main(["--model", "rnnprop", "--out", str(out), *tiny, "--fixed-validation"], small_root, capsys)
+    assert code == 0
+    assert learned_optim.read_metadata(out / "weights.safetensors")["recipe"]["fixed_validation"] is True
+    code, err = run_main(["--model", "rnnprop", "--out", str(out), *TINY, "--resume"], small_root, capsys)
+    assert code == 2 and "fixed_validation: True in the checkpoint, False now" in err
