@@ -1,12 +1,15 @@
 """The bundled ``rnnprop`` (meta-trained with random scaling, B = 3) against the file it replaced (the same recipe
 without it, kept in ``results/superseded/rnnprop-unscaled__TASK.json``) on every task, with the tuned baselines of
-the results table. Prints a markdown table for docs/findings.md:
+the results table; then every other random-scaling run measured on MLP-orig
+(``results/diagnostics/random_scaling/RUN__mlp-orig.json``) against the bundled file of its name. Prints two
+markdown tables for docs/findings.md:
 
     python scripts/experiments/random_scaling.py [--results results]
 
 Per task: mean ± std of the ln final loss over the seeds; "better" counts the seeds (same initialisation and
 batches) on which the new file ends lower than the old one; "wins A/R/S" the seeds on which it ends lower than the
-tuned Adam / RMSprop / SGD shown in the README's results.
+tuned Adam / RMSprop / SGD shown in the README's results. In the second table the bundled file's mean is taken over
+the seeds the run was measured on.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from learned_optim.weights import WeightsError, read_metadata, recipe_summary  # noqa: E402
 from meta_train import report  # noqa: E402
 
 
@@ -44,7 +48,38 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {task} | {_minus(report._short(new))} | {_minus(report._short(old))} | {report._seeds_won(new, old)} | "
                      f"{wins} | {values} |")
     print("\n".join(lines))
+    print()
+    print("\n".join(_other_runs(results, cells)))
     return 0
+
+
+def _mean(values: list[float]) -> str:
+    return _minus(f"{sum(values) / len(values):.2f}")
+
+
+def _other_runs(results: Path, cells: dict) -> list[str]:
+    """The other random-scaling runs on MLP-orig, each against the bundled file its run name starts with."""
+    lines = ["| run | recipe | seeds | ln loss, per seed | mean | bundled file, same seeds | better |",
+             "|---|---|---|---|---|---|---|"]
+    for path in sorted((results / "diagnostics" / "random_scaling").glob("*__mlp-orig.json")):
+        run = json.loads(path.read_text())
+        name = path.name.split("__")[0]
+        bundled_name = name.split("-rs")[0]
+        bundled = cells.get(("mlp-orig", bundled_name))
+        finals = run["final_ln_loss"]
+        per_seed = ", ".join(_minus(f"{v:.2f}") for v in finals) if len(finals) <= 3 else f"{len(finals)} seeds"
+        try:
+            recipe = recipe_summary(read_metadata(run["weights_path"])["recipe"])
+        except (OSError, KeyError, WeightsError):
+            recipe = "–"
+        if bundled is None:
+            against, better = f"no bundled `{bundled_name}`", "–"
+        else:
+            theirs = dict(zip(bundled["seeds"], bundled["final_ln_loss"]))
+            against = f"`{bundled_name}` {_mean([theirs[s] for s in run['seeds']])}"
+            better = report._seeds_won(run, bundled)
+        lines.append(f"| `{name}` | {recipe} | {len(finals)} | {per_seed} | {_mean(finals)} | {against} | {better} |")
+    return lines
 
 
 if __name__ == "__main__":
