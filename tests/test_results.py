@@ -142,3 +142,7 @@ def test_claim_d_says_when_a_pair_differs_in_random_scaling(monkeypatch):
     assert "`rnnprop` with random scaling B = 3, `rnnprop-cl-il` without" in text and "scale" not in text
     bounds["rnnprop"] = 0.0
     assert report._scaling_caveat(pairs) == ""
+    bounds["dm-il"], bounds["dm"] = 3.0, 0.0
+    text = report._scaling_caveat([("dm", "dm-il"), ("dm", "dm")], technique="CL or IL")
+    assert text == (" (meta-trained `dm` without, `dm-il` with random scaling B = 3: this pair differs in random "
+                    "scaling too, so it does not isolate CL or IL)")
