@@ -1,15 +1,16 @@
-"""The bundled ``rnnprop`` (meta-trained with random scaling, B = 3) against the file it replaced (the same recipe
-without it, kept in ``results/superseded/rnnprop-unscaled__TASK.json``) on every task, with the tuned baselines of
-the results table; then every other random-scaling run measured on MLP-orig
-(``results/diagnostics/random_scaling/RUN__mlp-orig.json``) against the bundled file of its name. Prints two
+"""Every bundled file meta-trained with random scaling (B = 3) against the file it replaced (the same recipe without
+it, kept in ``results/superseded/NAME-unscaled__TASK.json``) on every task, with the tuned baselines of the results
+table, one table per name; then every other random-scaling run measured on MLP-orig
+(``results/diagnostics/random_scaling/RUN__mlp-orig.json``) against the bundled file of its name. Prints the
 markdown tables for docs/findings.md:
 
     python scripts/experiments/random_scaling.py [--results results]
 
 Per task: mean ± std of the ln final loss over the seeds; "better" counts the seeds (same initialisation and
 batches) on which the new file ends lower than the old one; "wins A/R/S" the seeds on which it ends lower than the
-tuned Adam / RMSprop / SGD shown in the README's results. In the second table the bundled file's mean is taken over
-the seeds the run was measured on.
+tuned Adam / RMSprop / SGD shown in the README's results. The last line of each table is the mean over the tasks
+other than MLP-orig (the bundling rule). In the last table the bundled file's mean is taken over the seeds the run
+was measured on.
 """
 from __future__ import annotations
 
@@ -34,23 +35,36 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     results = Path(args.results)
     cells = report.select_cells(*report.load_results(results))
-    lines = ["| task | `rnnprop`, random scaling B = 3 | before (B = 0) | better | wins A/R/S | tuned Adam / RMSprop / SGD |",
+    names = sorted({p.name.split("-unscaled__")[0] for p in (results / "superseded").glob("*-unscaled__*.json")})
+    for name in names:
+        print("\n".join(_replaced(results, cells, name)))
+        print()
+    print("\n".join(_other_runs(results, cells)))
+    return 0
+
+
+def _replaced(results: Path, cells: dict, name: str) -> list[str]:
+    bound = report._random_scale(name)
+    lines = [f"| task | `{name}`, random scaling B = {bound:g} | before (B = 0) | better | wins A/R/S | tuned Adam / RMSprop / SGD |",
              "|---|---|---|---|---|---|"]
+    others_new, others_old = [], []
     for task in report._order_tasks({t for t, _ in cells}):
-        new = cells.get((task, "rnnprop"))
-        old_path = results / "superseded" / f"rnnprop-unscaled__{task}.json"
+        new = cells.get((task, name))
+        old_path = results / "superseded" / f"{name}-unscaled__{task}.json"
         if new is None or not old_path.exists():
             continue
         old = json.loads(old_path.read_text())
+        if task != "mlp-orig":
+            others_new.append(new["final_ln_loss_mean"])
+            others_old.append(old["final_ln_loss_mean"])
         tuned = [cells.get((task, b)) for b in report.BASELINE_ORDER]
         wins = " / ".join(report._seeds_won(new, t).split("/")[0] if t else "–" for t in tuned)
         values = " / ".join(_minus(f"{t['final_ln_loss_mean']:.2f}") if t else "–" for t in tuned)
-        lines.append(f"| {task} | {_minus(report._short(new))} | {_minus(report._short(old))} | {report._seeds_won(new, old)} | "
-                     f"{wins} | {values} |")
-    print("\n".join(lines))
-    print()
-    print("\n".join(_other_runs(results, cells)))
-    return 0
+        lines.append(f"| {task} | {_minus(report._short(new))} | {_minus(report._short(old))} | "
+                     f"{report._seeds_won(new, old)} | {wins} | {values} |")
+    if others_new:
+        lines.append(f"| mean of the other {len(others_new)} tasks | {_mean(others_new)} | {_mean(others_old)} | | | |")
+    return lines
 
 
 def _mean(values: list[float]) -> str:
