@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from learned_optim.weights import WeightsError, read_metadata, recipe_summary  # noqa: E402
+from learned_optim.weights import WeightsError, read_metadata, recipe_summary, weights_digest  # noqa: E402
 from meta_train import report  # noqa: E402
 
 
@@ -80,10 +80,13 @@ def _other_runs(results: Path, cells: dict) -> list[str]:
         name = path.name.split("__")[0]
         bundled_name = name.split("-rs")[0]
         bundled = cells.get(("mlp-orig", bundled_name))
+        if bundled is not None and bundled.get("weights_digest") == run.get("weights_digest"):
+            continue  # the bundled file itself: in the table of its name above
         finals = run["final_ln_loss"]
         per_seed = ", ".join(_minus(f"{v:.2f}") for v in finals) if len(finals) <= 3 else f"{len(finals)} seeds"
+        weights = _evaluated_file(Path(run["weights_path"]), run.get("weights_digest"))
         try:
-            recipe = recipe_summary(read_metadata(run["weights_path"])["recipe"])
+            recipe = recipe_summary(read_metadata(weights)["recipe"]) if weights else "–"
         except (OSError, KeyError, WeightsError):
             recipe = "–"
         if bundled is None:
@@ -94,6 +97,18 @@ def _other_runs(results: Path, cells: dict) -> list[str]:
             better = report._seeds_won(run, bundled)
         lines.append(f"| `{name}` | {recipe} | {len(finals)} | {per_seed} | {_mean(finals)} | {against} | {better} |")
     return lines
+
+
+def _evaluated_file(path: Path, digest: str | None) -> Path | None:
+    """The weight file that was evaluated: ``path`` if its tensors are unchanged, else a snapshot beside it
+    (a run's ``weights.safetensors`` moves on with its best model; ``epoch-E.safetensors`` keep earlier ones)."""
+    for candidate in [path, *sorted(path.parent.glob("*.safetensors"))]:
+        try:
+            if candidate.exists() and weights_digest(candidate) == digest:
+                return candidate
+        except (OSError, WeightsError):
+            continue
+    return None
 
 
 if __name__ == "__main__":
