@@ -237,7 +237,8 @@ def _scaling_caveat(pairs: list[tuple[str, str]], technique: str = "CL+IL") -> s
     if not notes:
         return ""
     which = "this pair differs" if len(notes) == 1 else "these pairs differ"
-    return f" (meta-trained {'; '.join(notes)}: {which} in random scaling too, so it does not isolate {technique})"
+    it = "it does" if len(notes) == 1 else "they do"
+    return f" (meta-trained {'; '.join(notes)}: {which} in random scaling too, so {it} not isolate {technique})"
 
 
 def claims_markdown(cells: dict[tuple[str, str], dict[str, Any]]) -> str:
@@ -405,7 +406,8 @@ def recipes_sentence() -> str:
     if not scaled:
         on = "was off in the recipe of every bundled file"
     else:
-        listed = ", ".join(f"`{n}` (B = {b:g})" for n, b in scaled.items())
+        names = [f"`{n}` (B = {b:g})" for n, b in scaled.items()]
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" and {names[-1]},"
         on = f"was on in the recipe of {listed} and off for the other bundled files"
     return ("Random scaling of the optimizee during meta-training (`--random-scale`, the paper code's `if_scale`) "
             f"{on}; [docs/weights.md](docs/weights.md) has each file's recipe.")

@@ -130,6 +130,11 @@ def test_the_readme_says_which_bundled_files_had_random_scaling(monkeypatch):
     text = report.recipes_sentence()
     assert "was on in the recipe of `rnnprop` (B = 3) and off for the other bundled files" in text
     monkeypatch.setattr(weights, "read_metadata",
+                        lambda path: {**real(path), "recipe": {**real(path)["recipe"], "random_scale": (
+                            2.0 if str(path).endswith("dm-il.safetensors") else fake(path)["recipe"]["random_scale"])}})
+    assert ("was on in the recipe of `dm-il` (B = 2) and `rnnprop` (B = 3), and off for the other bundled files"
+            in report.recipes_sentence())
+    monkeypatch.setattr(weights, "read_metadata",
                         lambda path: {**real(path), "recipe": {**real(path)["recipe"], "random_scale": 0}})
     assert "was off in the recipe of every bundled file" in report.recipes_sentence()
 
