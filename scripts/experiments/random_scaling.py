@@ -1,4 +1,4 @@
-"""Every bundled file meta-trained with random scaling (B = 3) against the file it replaced (the same recipe without
+"""Every bundled file meta-trained with random scaling against the file it replaced (the same recipe without
 it, kept in ``results/superseded/NAME-unscaled__TASK.json``) on every task, with the tuned baselines of the results
 table, one table per name; then every other random-scaling run measured on MLP-orig
 (``results/diagnostics/random_scaling/RUN__mlp-orig.json``) against the bundled file of its name. Prints the
@@ -80,7 +80,7 @@ def _other_runs(results: Path, cells: dict) -> list[str]:
         name = path.name.split("__")[0]
         bundled_name = name.split("-rs")[0]
         bundled = cells.get(("mlp-orig", bundled_name))
-        if bundled is not None and bundled.get("weights_digest") == run.get("weights_digest"):
+        if bundled is not None and run.get("weights_digest") and bundled.get("weights_digest") == run["weights_digest"]:
             continue  # the bundled file itself: in the table of its name above
         finals = run["final_ln_loss"]
         per_seed = ", ".join(_minus(f"{v:.2f}") for v in finals) if len(finals) <= 3 else f"{len(finals)} seeds"
