@@ -382,6 +382,9 @@ def model_card(weights: str | os.PathLike, *, name: str | None = None, license: 
 def recipe_summary(recipe: dict) -> str:
     """One line on how a weight file was trained (curriculum, imitation, random scaling, length)."""
     parts = [f"{recipe.get('model', '?')} on {recipe.get('task', '?')}"]
+    init = recipe.get("init")
+    if init:
+        parts.append(f"fine-tuned from {init.get('weights', '?')} ({init.get('recipe', 'recipe unknown')})")
     horizons = recipe.get("horizons") or []
     if recipe.get("curriculum"):
         reached = recipe.get("horizon_reached")

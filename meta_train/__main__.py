@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="validate on the same --eval-runs optimizees (initialisation and batches) every time "
                          "instead of fresh ones (the paper's code), so that the curriculum's improved / no "
                          "improvement decisions compare rules, not draws")
+    ap.add_argument("--init", default=None, metavar="WEIGHTS",
+                    help="start the rule from trained weights (a bundled name, a .safetensors path or "
+                         "hf://org/repo[/file][@revision]) instead of a fresh initialisation, to fine-tune them; "
+                         "they are validated first and stay the exported model until training beats them (with "
+                         "--curriculum: the first stage's baseline)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return ap
@@ -138,7 +143,7 @@ def main(argv=None) -> None:
                  imitation_ratio=args.imitation_ratio, teacher=args.teacher, teacher_lr=args.teacher_lr,
                  meta_lr=args.meta_lr, min_evals=args.min_evals, random_scale=args.random_scale,
                  fixed_validation=args.fixed_validation,
-                 population=args.population,
+                 population=args.population, init=args.init,
                  progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
     try:
         path = main_train(cfg)

@@ -100,7 +100,8 @@ class Curriculum:
         return "none"
 
     def set_baseline(self, val_loss: float) -> None:
-        """The stage's reference value after ADVANCE (or after :meth:`extend` re-measured it)."""
+        """The stage's reference value after ADVANCE (or after :meth:`extend` re-measured it), or the first
+        stage's when the run starts from trained weights (constructed with ``awaiting_baseline=True``)."""
         if not self.awaiting_baseline:
             raise RuntimeError("set_baseline() is only valid right after ADVANCE or extend()")
         self.best, self.awaiting_baseline = val_loss, False

@@ -30,7 +30,8 @@ def plot_training(history: list[dict], path: Path, title: str = "") -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("ln loss")
     ax.set_title(title)
-    ax.legend(loc="best", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label before the first meta-loss epoch or validation
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)

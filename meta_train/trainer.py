@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from learned_optim.rules import Rule, build_rule, stored_config
+from learned_optim.weights import load_rule, read_metadata, recipe_summary, resolve_weights, weights_digest
 
 from .curriculum import ADVANCE, IMPROVED, STOP, Curriculum
 from .export import export_weights
@@ -76,6 +77,11 @@ def prepare_out_dir(cfg: "Config", rank: int = 0, world: int = 1) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a folder")
+    if cfg.init is not None:
+        start = Path(cfg.init).expanduser()
+        if start.name in RUN_FILES and start.exists() and out.is_dir() and start.resolve().parent == out.resolve():
+            raise RunError(f"--init {cfg.init} is a file of the run in --out {out}, which the run rewrites; copy it "
+                           "out of --out first, or choose another --out")
     if cfg.resume and (out / "checkpoint.pt").exists():
         return
     if cfg.resume and not cfg.overwrite:  # nothing to resume: a new run, unless that would replace a run's files
@@ -124,6 +130,7 @@ class Config:
     random_scale: float = 0.0
     fixed_validation: bool = False
     population: int = 1
+    init: str | None = None
     overwrite: bool = False
     progress: bool = True
     resume: bool = False
@@ -193,7 +200,15 @@ class Trainer:
         # a resumed run keeps the rule config it started with (a checkpoint written before configs were
         # stored means the config keys of that time: stored_config fills in what their absence meant)
         rule_config = stored_config(cfg.model, self._ckpt.get("rule_config", {})) if self._ckpt else None
-        self.rule: Rule = build_rule(cfg.model, rule_config).to(self.device)
+        # where the rule's starting weights came from (--init; None: a fresh initialisation)
+        self.init: dict | None = self._ckpt.get("init") if self._ckpt else None
+        if self._ckpt is None and cfg.init is not None:
+            path = resolve_weights(cfg.init)
+            self.rule: Rule = load_rule(path, rule=cfg.model).to(self.device)
+            self.init = {"weights": cfg.init, "weights_digest": weights_digest(path),
+                         "recipe": recipe_summary(read_metadata(path)["recipe"])}
+        else:
+            self.rule = build_rule(cfg.model, rule_config).to(self.device)
         self.task = Task(cfg.task, train=True, data_root=cfg.data_root, device=self.device)
         self.meta_opt = _make_meta_optimizer(self.r["meta_optimizer"], self.rule.parameters(), self.r["meta_lr"])
         # imitation has its own meta-optimizer for DM/RNNprop; L2O-Scale shares its RMSprop (as the original)
@@ -206,7 +221,9 @@ class Trainer:
         if cfg.population > 1 and self.device.type == "cpu":
             keep_freed_memory()  # a population's large per-step tensors: reuse freed memory, no page faults
         self.coin = random.Random(cfg.seed)  # shared by all ranks: every rank takes the same kind of epoch
-        self.curriculum = Curriculum(self.r["horizons"], min_evals=cfg.min_evals) if cfg.curriculum else None
+        # started from --init weights, the first stage's baseline is their validation (measured before training)
+        self.curriculum = (Curriculum(self.r["horizons"], min_evals=cfg.min_evals, awaiting_baseline=self.init is not None)
+                           if cfg.curriculum else None)
         self.best_state = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
         self.best_val = math.inf
         self.epoch = 0
@@ -401,7 +418,7 @@ class Trainer:
             "best_state": self.best_state, "best_val": self.best_val,
             "curriculum": self.curriculum.to_dict() if self.curriculum else None,
             "generators": gens, "population_generators": members, "coin": self.coin.getstate(),
-            "stop_reason": self.stop_reason,
+            "stop_reason": self.stop_reason, "init": self.init,
             "log_offset": self.log_path.stat().st_size if self.log_path.exists() else 0,
             "world_size": self.world,
         }
@@ -422,6 +439,7 @@ class Trainer:
         saved = {k: v for k, v in ckpt["config"].items() if k not in not_recipe}
         saved.setdefault("population", 1)  # a checkpoint written before populations: one optimizee
         saved.setdefault("fixed_validation", False)  # written before the option: fresh optimizees
+        saved.setdefault("init", None)  # written before the option: a fresh initialisation
         now = {k: v for k, v in self.cfg.__dict__.items() if k in saved}
         extend = None
         if ckpt["curriculum"] is not None and self.curriculum is not None:
@@ -527,8 +545,11 @@ class Trainer:
                           f"weights are in {self.out / 'weights.safetensors'}. Raise --epochs, or append stages to "
                           "--horizons, to continue it", file=sys.stderr)
                 return self.out / "weights.safetensors"
-        elif self.rank == 0 and self.log_path.exists():
-            self.log_path.unlink()
+        else:
+            if self.rank == 0 and self.log_path.exists():
+                self.log_path.unlink()
+            if self.init is not None:
+                self._init_baseline()
         handlers = {}
         if threading_main():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -539,6 +560,18 @@ class Trainer:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
         return self.finish()
+
+    def _init_baseline(self) -> None:
+        """A run started from ``--init`` weights validates them first: they are the best model until training
+        beats them (and, with a curriculum, the first stage's baseline), so the run never exports weights that
+        validate worse than the ones it started from."""
+        val = self.validate(self.valid_horizon)
+        self.best_val = val
+        self.best_state = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
+        if self.curriculum is not None:
+            self.curriculum.set_baseline(val)
+        self._log({"type": "eval", "epoch": self.epoch, "stage": self.stage, "horizon": self.valid_horizon,
+                   "val_loss": val, "action": "baseline"})
 
     def finished(self) -> bool:
         """True when the run has nothing left to do: its curriculum stopped, or it reached the epoch cap."""
@@ -588,7 +621,8 @@ class Trainer:
                 "stage_reached": self.stage, "horizon_reached": self.train_horizon,
                 "best_val_loss": self.best_val, "stop_reason": self.stop_reason or (
                     f"epoch cap {self.r['epochs']} reached" if self.epoch >= self.r["epochs"] else "running"),
-                "world_size": self.world, "code_version": _git_version()}
+                "world_size": self.world, "code_version": _git_version(),
+                **({"init": self.init} if self.init is not None else {})}
         # wall-clock is in log.jsonl and added when a run is bundled (meta_train.export): keeping it out of
         # the run's own weight file is what makes an interrupted-and-resumed run bit-identical to a straight one
 

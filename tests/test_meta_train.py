@@ -296,8 +296,8 @@ def test_random_scale_zero_draws_nothing_and_keeps_the_task(mlp):
 
 
 def _tiny_trainer(tmp_path, data_root, **kwargs) -> Trainer:  # data_root: small_root
-    cfg = Config(model="rnnprop", out=str(tmp_path), data_root=str(data_root), horizons=[20], unroll=10,
-                 eval_runs=2, progress=False, **kwargs)
+    cfg = Config(model="rnnprop", out=str(tmp_path), data_root=str(data_root),
+                 **{"horizons": [20], "unroll": 10, "eval_runs": 2, "progress": False, **kwargs})
     return Trainer(cfg)
 
 
@@ -570,3 +570,69 @@ def test_fixed_validation_is_part_of_the_recipe_on_resume(tmp_path, small_root, 
     assert learned_optim.read_metadata(out / "weights.safetensors")["recipe"]["fixed_validation"] is True
     code, err = run_main(["--model", "rnnprop", "--out", str(out), *TINY, "--resume"], small_root, capsys)
     assert code == 2 and "fixed_validation: True in the checkpoint, False now" in err
+
+
+# ------------------------------------------------------------------------------ --init (fine-tuning)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_root):
+    """A tiny trained RNNprop run whose weights the --init tests start from."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert run_main(["--model", "rnnprop", "--out", str(out), *TINY, "--epochs", "2"], small_root)[0] == 0
+    return out / "weights.safetensors"
+
+
+def test_init_starts_from_the_weights_and_keeps_them_until_training_beats_them(tmp_path, small_root, trained):
+    from safetensors.torch import load_file
+
+    trainer = _tiny_trainer(tmp_path / "ft", small_root, init=str(trained), curriculum=True, horizons=[20, 40])
+    start = load_file(str(trained))
+    assert all(torch.equal(trainer.rule.state_dict()[k], start[k]) for k in start)
+    with pytest.raises(RuntimeError, match="set_baseline"):  # the first stage waits for the start's validation
+        trainer.curriculum.observe(1.0)
+    trainer.out.mkdir()
+    trainer._init_baseline()
+    assert trainer.curriculum.best == trainer.best_val and math.isfinite(trainer.best_val)
+    assert trainer.history[-1]["action"] == "baseline" and trainer.history[-1]["epoch"] == 0
+    trainer.run_epoch()  # the rule moves; until a validation beats the baseline the export is the start
+    assert not all(torch.equal(trainer.rule.state_dict()[k], start[k]) for k in start)
+    exported = trainer.export()
+    assert all(torch.equal(load_file(str(exported))[k], start[k]) for k in start)
+    recipe = learned_optim.read_metadata(exported)["recipe"]
+    assert recipe["init"]["weights"] == str(trained)
+    assert recipe["init"]["weights_digest"] == learned_optim.weights_digest(trained)
+    assert "fine-tuned from" in learned_optim.weights.recipe_summary(recipe)
+    assert "init" not in _tiny_trainer(tmp_path / "fresh", small_root).recipe()  # fresh runs: recipe unchanged
+
+
+def test_init_resume_is_bit_identical_and_the_init_is_part_of_the_recipe(tmp_path, small_root, trained, capsys):
+    base = ["--model", "rnnprop", "--curriculum", "--init", str(trained), *TINY[:2], "--eval-every", "2",
+            "--eval-runs", "2", "--no-progress", "--threads", "1", "--min-evals", "5"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_main([*base, "--epochs", "4", "--out", str(straight)], small_root)[0] == 0
+    assert run_main([*base, "--epochs", "2", "--out", str(split)], small_root)[0] == 0
+    assert run_main([*base, "--epochs", "4", "--resume", "--out", str(split)], small_root)[0] == 0
+    assert (straight / "weights.safetensors").read_bytes() == (split / "weights.safetensors").read_bytes()
+    first = json.loads((split / "log.jsonl").read_text().splitlines()[0])
+    assert (first["epoch"], first["action"]) == (0, "baseline")
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(trained.read_bytes())
+    code, err = run_main([*[str(other) if a == str(trained) else a for a in base], "--epochs", "6", "--resume",
+                          "--out", str(split)], small_root, capsys)
+    assert code == 2 and "init:" in err and "in the checkpoint" in err
+
+
+def test_init_refuses_other_rules_and_the_runs_own_files(tmp_path, small_root, trained, capsys):
+    code, err = run_main(["--model", "dm", "--init", str(trained), "--out", str(tmp_path / "dm"), *TINY], small_root,
+                         capsys)
+    assert code == 2 and "'rnnprop' weights but a 'dm' rule" in err and "\n" not in err.strip()
+    code, err = run_main(["--model", "rnnprop", "--init", "no-such-weights", "--out", str(tmp_path / "x"), *TINY],
+                         small_root, capsys)
+    assert code == 2 and "Unknown weights 'no-such-weights'" in err
+    # fine-tuning a run's own exported weights in that run's folder would delete or overwrite them
+    run = trained.parent
+    before = trained.read_bytes()
+    for flag in ("--overwrite", "--resume"):
+        code, err = run_main(["--model", "rnnprop", "--init", str(trained), "--out", str(run), flag, *TINY],
+                             small_root, capsys)
+        assert code == 2 and "copy it out of --out" in err
+    assert trained.read_bytes() == before
