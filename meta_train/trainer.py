@@ -222,8 +222,8 @@ class Trainer:
             keep_freed_memory()  # a population's large per-step tensors: reuse freed memory, no page faults
         self.coin = random.Random(cfg.seed)  # shared by all ranks: every rank takes the same kind of epoch
         # started from --init weights, the first stage's baseline is their validation (measured before training)
-        self.curriculum = (Curriculum(self.r["horizons"], min_evals=cfg.min_evals, awaiting_baseline=self.init is not None)
-                           if cfg.curriculum else None)
+        self.curriculum = (Curriculum(self.r["horizons"], min_evals=cfg.min_evals,
+                                      awaiting_baseline=self.init is not None) if cfg.curriculum else None)
         self.best_state = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
         self.best_val = math.inf
         self.epoch = 0
