@@ -492,12 +492,8 @@ class Trainer:
         if action in ("advance", "rebaseline"):
             current = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
             self.rule.load_state_dict(self.best_state)
-            baseline = self.validate(self.curriculum.valid_horizon)
+            self._baseline()
             self.rule.load_state_dict(current)
-            self.curriculum.set_baseline(baseline)
-            self.best_val = baseline
-            self._log({"type": "eval", "epoch": self.epoch, "stage": self.stage, "horizon": self.valid_horizon,
-                       "val_loss": baseline, "action": "baseline"})
 
     # ------------------------------------------------------------------ main loop
     def _on_signal(self, signum, frame):
@@ -522,11 +518,7 @@ class Trainer:
             self.best_state = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
         elif action == ADVANCE:
             self.rule.load_state_dict(self.best_state)
-            baseline = self.validate(self.curriculum.valid_horizon)
-            self.curriculum.set_baseline(baseline)
-            self.best_val = baseline
-            self._log({"type": "eval", "epoch": self.epoch, "stage": self.stage, "horizon": self.valid_horizon,
-                       "val_loss": baseline, "action": "baseline"})
+            self._baseline()
         elif action == STOP:
             self.stop_reason = (f"curriculum finished at stage {self.stage} (horizon {self.train_horizon})"
                                 if self.curriculum.last_stage and self.curriculum.improved
@@ -548,8 +540,8 @@ class Trainer:
         else:
             if self.rank == 0 and self.log_path.exists():
                 self.log_path.unlink()
-            if self.init is not None:
-                self._init_baseline()
+            if self.init is not None:  # the --init weights (best_state already) are the model to beat
+                self._baseline()
         handlers = {}
         if threading_main():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -561,15 +553,14 @@ class Trainer:
                 signal.signal(sig, h)
         return self.finish()
 
-    def _init_baseline(self) -> None:
-        """A run started from ``--init`` weights validates them first: they are the best model until training
-        beats them (and, with a curriculum, the first stage's baseline), so the run never exports weights that
-        validate worse than the ones it started from."""
+    def _baseline(self) -> None:
+        """Validate the rule now loaded at the stage's N_valid and make the value the one to beat: after a
+        curriculum ADVANCE or extension (the restored best), or before the first epoch of an ``--init`` run (the
+        starting weights), so a run never exports weights that validate worse than those it started from."""
         val = self.validate(self.valid_horizon)
-        self.best_val = val
-        self.best_state = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
         if self.curriculum is not None:
             self.curriculum.set_baseline(val)
+        self.best_val = val
         self._log({"type": "eval", "epoch": self.epoch, "stage": self.stage, "horizon": self.valid_horizon,
                    "val_loss": val, "action": "baseline"})
 

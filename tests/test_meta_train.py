@@ -590,7 +590,7 @@ def test_init_starts_from_the_weights_and_keeps_them_until_training_beats_them(t
     with pytest.raises(RuntimeError, match="set_baseline"):  # the first stage waits for the start's validation
         trainer.curriculum.observe(1.0)
     trainer.out.mkdir()
-    trainer._init_baseline()
+    trainer._baseline()  # what train() does first in a fresh --init run
     assert trainer.curriculum.best == trainer.best_val and math.isfinite(trainer.best_val)
     assert trainer.history[-1]["action"] == "baseline" and trainer.history[-1]["epoch"] == 0
     trainer.run_epoch()  # the rule moves; until a validation beats the baseline the export is the start
