@@ -403,6 +403,8 @@ def recipe_summary(recipe: dict) -> str:
     parts.append(f"random scaling B = {scale:g}" if scale else "random scaling off")
     if recipe.get("fixed_validation"):
         parts.append("fixed validation optimizees")
+    if recipe.get("valid_horizon"):
+        parts.append(f"validated at N = {recipe['valid_horizon']}")
     if "epochs_run" in recipe:
         parts.append(f"from a run of {recipe['epochs_run']} epochs")
     return "; ".join(parts)

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="validate on the same --eval-runs optimizees (initialisation and batches) every time "
                          "instead of fresh ones (the paper's code), so that the curriculum's improved / no "
                          "improvement decisions compare rules, not draws")
+    ap.add_argument("--valid-horizon", type=int, default=None, metavar="N",
+                    help="validate at N optimizee steps in every stage, e.g. the evaluation horizon 10000 "
+                         "(default: the next stage's N_train, Algorithm 1; N_train without --curriculum)")
     ap.add_argument("--init", default=None, metavar="WEIGHTS",
                     help="start the rule from trained weights (a bundled name, a .safetensors path or "
                          "hf://org/repo[/file][@revision]) instead of a fresh initialisation, to fine-tune them; "
@@ -114,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     ap = build_parser()
     args = ap.parse_args(argv)
-    for name in ("epochs", "unroll", "eval_every", "eval_runs", "min_evals", "population"):
+    for name in ("epochs", "unroll", "eval_every", "eval_runs", "min_evals", "population", "valid_horizon"):
         value = getattr(args, name)
         if value is not None and value < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -142,7 +145,7 @@ def main(argv=None) -> None:
                  unroll=args.unroll, eval_every=args.eval_every, eval_runs=args.eval_runs,
                  imitation_ratio=args.imitation_ratio, teacher=args.teacher, teacher_lr=args.teacher_lr,
                  meta_lr=args.meta_lr, min_evals=args.min_evals, random_scale=args.random_scale,
-                 fixed_validation=args.fixed_validation,
+                 fixed_validation=args.fixed_validation, valid_horizon=args.valid_horizon,
                  population=args.population, init=args.init,
                  progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
     try:

@@ -129,6 +129,7 @@ class Config:
     min_evals: int = 3
     random_scale: float = 0.0
     fixed_validation: bool = False
+    valid_horizon: int | None = None
     population: int = 1
     init: str | None = None
     overwrite: bool = False
@@ -245,6 +246,10 @@ class Trainer:
 
     @property
     def valid_horizon(self) -> int:
+        """N_valid: ``--valid-horizon`` where given, else the next stage's N_train (Algorithm 1), or N_train
+        without a curriculum."""
+        if self.cfg.valid_horizon is not None:
+            return self.cfg.valid_horizon
         return self.curriculum.valid_horizon if self.curriculum else self.r["horizons"][0]
 
     def imitation_ratio(self) -> float:
@@ -440,6 +445,7 @@ class Trainer:
         saved.setdefault("population", 1)  # a checkpoint written before populations: one optimizee
         saved.setdefault("fixed_validation", False)  # written before the option: fresh optimizees
         saved.setdefault("init", None)  # written before the option: a fresh initialisation
+        saved.setdefault("valid_horizon", None)  # written before the option: Algorithm 1's N_valid
         now = {k: v for k, v in self.cfg.__dict__.items() if k in saved}
         extend = None
         if ckpt["curriculum"] is not None and self.curriculum is not None:
@@ -613,6 +619,7 @@ class Trainer:
                 "best_val_loss": self.best_val, "stop_reason": self.stop_reason or (
                     f"epoch cap {self.r['epochs']} reached" if self.epoch >= self.r["epochs"] else "running"),
                 "world_size": self.world, "code_version": _git_version(),
+                **({"valid_horizon": self.cfg.valid_horizon} if self.cfg.valid_horizon is not None else {}),
                 **({"init": self.init} if self.init is not None else {})}
         # wall-clock is in log.jsonl and added when a run is bundled (meta_train.export): keeping it out of
         # the run's own weight file is what makes an interrupted-and-resumed run bit-identical to a straight one

@@ -572,6 +572,31 @@ def test_fixed_validation_is_part_of_the_recipe_on_resume(tmp_path, small_root, 
     assert code == 2 and "fixed_validation: True in the checkpoint, False now" in err
 
 
+def test_valid_horizon_overrides_n_valid_in_every_stage_and_is_part_of_the_recipe(tmp_path, small_root, capsys):
+    out = tmp_path / "run"
+    args = ["--model", "rnnprop", "--out", str(out), "--curriculum", "--horizons", "10,20", "--unroll", "10",
+            "--eval-every", "1", "--eval-runs", "2", "--min-evals", "1", "--epochs", "4", "--fixed-validation",
+            "--no-progress", "--threads", "1"]
+    code, _ = run_main([*args, "--valid-horizon", "35"], small_root, capsys)
+    assert code == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {rec["horizon"] for rec in log if rec["type"] == "eval"} == {35}  # not the next stage's N_train (20)
+    recipe = learned_optim.read_metadata(out / "weights.safetensors")["recipe"]
+    assert recipe["valid_horizon"] == 35
+    assert "validated at N = 35" in learned_optim.weights.recipe_summary(recipe)
+    code, err = run_main([*args, "--resume", "--epochs", "5"], small_root, capsys)
+    assert code == 2 and "valid_horizon: 35 in the checkpoint, None now" in err
+    code, err = run_main([*args, "--valid-horizon", "0", "--out", str(tmp_path / "bad")], small_root, capsys)
+    assert code == 2 and "--valid-horizon must be >= 1" in err and not (tmp_path / "bad").exists()
+    # without the option nothing changes: Algorithm 1's N_valid, and no key in the recipe
+    plain = _tiny_trainer(tmp_path / "plain", small_root, curriculum=True, horizons=[10, 20, 30])
+    assert plain.valid_horizon == 20 and "valid_horizon" not in plain.recipe()
+    fixed = _tiny_trainer(tmp_path / "fixed", small_root, curriculum=True, horizons=[10, 20, 30], valid_horizon=35)
+    for trainer in (plain, fixed):
+        trainer.curriculum.stage = 1  # a later stage: Algorithm 1 moves N_valid on, the option keeps it
+    assert (plain.valid_horizon, fixed.valid_horizon) == (30, 35)
+
+
 # ------------------------------------------------------------------------------ --init (fine-tuning)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, small_root):
