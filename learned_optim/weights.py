@@ -403,8 +403,9 @@ def recipe_summary(recipe: dict) -> str:
     parts.append(f"random scaling B = {scale:g}" if scale else "random scaling off")
     if recipe.get("fixed_validation"):
         parts.append("fixed validation optimizees")
-    if recipe.get("valid_horizon"):
-        parts.append(f"validated at N = {recipe['valid_horizon']}")
+    if recipe.get("valid_horizon") or recipe.get("valid_examples"):
+        parts.append("validated" + (f" at N = {recipe['valid_horizon']}" if recipe.get("valid_horizon") else "")
+                     + (f" on {recipe['valid_examples']} training examples" if recipe.get("valid_examples") else ""))
     if "epochs_run" in recipe:
         parts.append(f"from a run of {recipe['epochs_run']} epochs")
     return "; ".join(parts)

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--valid-horizon", type=int, default=None, metavar="N",
                     help="validate at N optimizee steps in every stage, e.g. the evaluation horizon 10000 "
                          "(default: the next stage's N_train, Algorithm 1; N_train without --curriculum)")
+    ap.add_argument("--valid-examples", type=int, default=None, metavar="M",
+                    help="validation optimizees train on a fixed subset of M examples of the training split, e.g. "
+                         "10000, the size of the evaluation's data (default: the whole training split)")
     ap.add_argument("--init", default=None, metavar="WEIGHTS",
                     help="start the rule from trained weights (a bundled name, a .safetensors path or "
                          "hf://org/repo[/file][@revision]) instead of a fresh initialisation, to fine-tune them; "
@@ -117,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     ap = build_parser()
     args = ap.parse_args(argv)
-    for name in ("epochs", "unroll", "eval_every", "eval_runs", "min_evals", "population", "valid_horizon"):
+    for name in ("epochs", "unroll", "eval_every", "eval_runs", "min_evals", "population", "valid_horizon",
+                 "valid_examples"):
         value = getattr(args, name)
         if value is not None and value < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -146,6 +150,7 @@ def main(argv=None) -> None:
                  imitation_ratio=args.imitation_ratio, teacher=args.teacher, teacher_lr=args.teacher_lr,
                  meta_lr=args.meta_lr, min_evals=args.min_evals, random_scale=args.random_scale,
                  fixed_validation=args.fixed_validation, valid_horizon=args.valid_horizon,
+                 valid_examples=args.valid_examples,
                  population=args.population, init=args.init,
                  progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
     try:

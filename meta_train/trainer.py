@@ -130,6 +130,7 @@ class Config:
     random_scale: float = 0.0
     fixed_validation: bool = False
     valid_horizon: int | None = None
+    valid_examples: int | None = None
     population: int = 1
     init: str | None = None
     overwrite: bool = False
@@ -211,6 +212,7 @@ class Trainer:
         else:
             self.rule = build_rule(cfg.model, rule_config).to(self.device)
         self.task = Task(cfg.task, train=True, data_root=cfg.data_root, device=self.device)
+        self.valid_task = self._valid_task()
         self.meta_opt = _make_meta_optimizer(self.r["meta_optimizer"], self.rule.parameters(), self.r["meta_lr"])
         # imitation has its own meta-optimizer for DM/RNNprop; L2O-Scale shares its RMSprop (as the original)
         self.il_opt = (self.meta_opt if cfg.model == "scale"
@@ -236,6 +238,21 @@ class Trainer:
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ helpers
+    def _valid_task(self) -> Task:
+        """The validation optimizees' task: the training task, or with ``valid_examples`` the same architecture
+        on a fixed subset of that many examples of the training split (drawn once, the same for every run), e.g.
+        the size of the evaluation's data (10,000 for MNIST's test split), so that a long validation sees the loss
+        regime the evaluation does rather than the larger training set's."""
+        n = self.cfg.valid_examples
+        if n is None:
+            return self.task
+        total = len(self.task.x)
+        if not 1 <= n <= total:
+            raise RunError(f"--valid-examples {n}: the {self.task.dataset} training split has {total} examples; "
+                           f"give a number from 1 to {total}")
+        pick = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n].sort().values.to(self.device)
+        return Task(self.cfg.task, train=True, device=self.device, data=(self.task.x[pick], self.task.y[pick]))
+
     @property
     def stage(self) -> int:
         return self.curriculum.stage if self.curriculum else 0
@@ -389,9 +406,9 @@ class Trainer:
         draw = 0 if self.cfg.fixed_validation else self.num_evals
         gens = [torch.Generator().manual_seed(10_000_019 * (self.cfg.seed + 1) + 7919 * draw + i) for i in mine]
         if self.cfg.population > 1:  # the rank's validation optimizees as one population
-            curves = population_rollout(self.rule, self.task, horizon, gens) if gens else []
+            curves = population_rollout(self.rule, self.valid_task, horizon, gens) if gens else []
         else:
-            curves = (rollout(self.rule, self.task, horizon, gen) for gen in gens)
+            curves = (rollout(self.rule, self.valid_task, horizon, gen) for gen in gens)
         for losses in curves:
             tail = losses[-10:]
             finals.append(sum(tail) / len(tail) if len(losses) == horizon and all(map(math.isfinite, tail))
@@ -446,6 +463,7 @@ class Trainer:
         saved.setdefault("fixed_validation", False)  # written before the option: fresh optimizees
         saved.setdefault("init", None)  # written before the option: a fresh initialisation
         saved.setdefault("valid_horizon", None)  # written before the option: Algorithm 1's N_valid
+        saved.setdefault("valid_examples", None)  # written before the option: the whole training split
         now = {k: v for k, v in self.cfg.__dict__.items() if k in saved}
         extend = None
         if ckpt["curriculum"] is not None and self.curriculum is not None:
@@ -620,6 +638,7 @@ class Trainer:
                     f"epoch cap {self.r['epochs']} reached" if self.epoch >= self.r["epochs"] else "running"),
                 "world_size": self.world, "code_version": _git_version(),
                 **({"valid_horizon": self.cfg.valid_horizon} if self.cfg.valid_horizon is not None else {}),
+                **({"valid_examples": self.cfg.valid_examples} if self.cfg.valid_examples is not None else {}),
                 **({"init": self.init} if self.init is not None else {})}
         # wall-clock is in log.jsonl and added when a run is bundled (meta_train.export): keeping it out of
         # the run's own weight file is what makes an interrupted-and-resumed run bit-identical to a straight one
@@ -665,9 +684,9 @@ def main_train(cfg: Config) -> Path:
     if cfg.device.startswith("cuda") and dist.is_initialized():
         cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     try:
-        prepare_out_dir(cfg, dist.get_rank() if dist.is_initialized() else 0,
-                        dist.get_world_size() if dist.is_initialized() else 1)
-        return Trainer(cfg).train()
+        trainer = Trainer(cfg)  # every option checked (--init weights, data) before --overwrite deletes anything
+        prepare_out_dir(cfg, trainer.rank, trainer.world)
+        return trainer.train()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

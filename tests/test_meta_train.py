@@ -597,6 +597,29 @@ def test_valid_horizon_overrides_n_valid_in_every_stage_and_is_part_of_the_recip
     assert (plain.valid_horizon, fixed.valid_horizon) == (30, 35)
 
 
+def test_valid_examples_validates_on_a_fixed_subset_of_the_training_split(tmp_path, small_root, capsys):
+    whole = _tiny_trainer(tmp_path / "whole", small_root, fixed_validation=True)
+    subset = _tiny_trainer(tmp_path / "subset", small_root, fixed_validation=True, valid_examples=50)
+    again = _tiny_trainer(tmp_path / "again", small_root, fixed_validation=True, valid_examples=50, seed=3)
+    assert whole.valid_task is whole.task and len(subset.valid_task.x) == 50
+    assert len(subset.task.x) == len(whole.task.x)  # training still draws from the whole split
+    # the same 50 examples in every run, each one of the training split's
+    assert torch.equal(subset.valid_task.x, again.valid_task.x) and torch.equal(subset.valid_task.y, again.valid_task.y)
+    rows = {tuple(r.flatten().tolist()) for r in whole.task.x}
+    assert all(tuple(r.flatten().tolist()) in rows for r in subset.valid_task.x)
+    assert subset.validate(30) != whole.validate(30)
+    assert subset.recipe()["valid_examples"] == 50 and "valid_examples" not in whole.recipe()
+    assert "on 50 training examples" in learned_optim.weights.recipe_summary(subset.recipe())
+    # more examples than the split holds: one line, exit 2, and an --overwrite run's files left alone
+    out = tmp_path / "run"
+    assert run_main(["--model", "rnnprop", "--out", str(out), *TINY, "--epochs", "2"], small_root, capsys)[0] == 0
+    before = (out / "weights.safetensors").read_bytes()
+    code, err = run_main(["--model", "rnnprop", "--out", str(out), *TINY, "--overwrite", "--valid-examples",
+                          str(len(whole.task.x) + 1)], small_root, capsys)
+    assert code == 2 and "--valid-examples" in err and len(err.strip().splitlines()) == 1
+    assert (out / "weights.safetensors").read_bytes() == before
+
+
 # ------------------------------------------------------------------------------ --init (fine-tuning)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, small_root):
