@@ -542,7 +542,10 @@ class Trainer:
             self.best_state = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
         elif action == ADVANCE:
             self.rule.load_state_dict(self.best_state)
-            self._baseline()
+            # the stage's best was validated at this N_valid on these optimizees already (fixed validation and
+            # an N_valid that stays, as with --valid-horizon): its value is the baseline, not a second validation
+            same = self.cfg.fixed_validation and self.valid_horizon == record["horizon"]
+            self._baseline(self.best_val if same else None)
         elif action == STOP:
             self.stop_reason = (f"curriculum finished at stage {self.stage} (horizon {self.train_horizon})"
                                 if self.curriculum.last_stage and self.curriculum.improved
@@ -577,16 +580,18 @@ class Trainer:
                 signal.signal(sig, h)
         return self.finish()
 
-    def _baseline(self) -> None:
+    def _baseline(self, known: float | None = None) -> None:
         """Validate the rule now loaded at the stage's N_valid and make the value the one to beat: after a
         curriculum ADVANCE or extension (the restored best), or before the first epoch of an ``--init`` run (the
-        starting weights), so a run never exports weights that validate worse than those it started from."""
-        val = self.validate(self.valid_horizon)
+        starting weights), so a run never exports weights that validate worse than those it started from.
+        ``known``: that model's value from a validation that this one would repeat exactly (same optimizees,
+        same horizon), taken instead of validating again."""
+        val = self.validate(self.valid_horizon) if known is None else known
         if self.curriculum is not None:
             self.curriculum.set_baseline(val)
         self.best_val = val
         self._log({"type": "eval", "epoch": self.epoch, "stage": self.stage, "horizon": self.valid_horizon,
-                   "val_loss": val, "action": "baseline"})
+                   "val_loss": val, "action": "baseline", **({"reused": True} if known is not None else {})})
 
     def finished(self) -> bool:
         """True when the run has nothing left to do: its curriculum stopped, or it reached the epoch cap."""

@@ -597,6 +597,27 @@ def test_valid_horizon_overrides_n_valid_in_every_stage_and_is_part_of_the_recip
     assert (plain.valid_horizon, fixed.valid_horizon) == (30, 35)
 
 
+def test_an_advance_reuses_the_best_value_only_when_its_validation_would_repeat(tmp_path, small_root, monkeypatch):
+    def advance(trainer):  # one improvement, then no improvement: Algorithm 1 advances with the stage's best
+        trainer.out.mkdir(parents=True)
+        seen = []
+        monkeypatch.setattr(trainer, "validate", lambda horizon: seen.append(horizon) or 0.4)
+        trainer._after_validation(0.5)
+        trainer._after_validation(0.6)
+        assert trainer.stage == 1 and trainer.history[-1]["action"] == "baseline"
+        return seen
+
+    common = dict(curriculum=True, horizons=[10, 20, 30], min_evals=1)
+    same = _tiny_trainer(tmp_path / "same", small_root, valid_horizon=35, fixed_validation=True, **common)
+    assert advance(same) == [] and same.best_val == same.curriculum.best == 0.5
+    assert same.history[-1]["reused"] is True
+    # fresh optimizees, or an N_valid that moves on with the stage: the restored best is validated again
+    for name, kwargs in (("fresh", {"valid_horizon": 35}), ("moves", {"fixed_validation": True})):
+        other = _tiny_trainer(tmp_path / name, small_root, **kwargs, **common)
+        assert advance(other) == [other.valid_horizon] and other.best_val == other.curriculum.best == 0.4
+        assert "reused" not in other.history[-1]
+
+
 def test_valid_examples_validates_on_a_fixed_subset_of_the_training_split(tmp_path, small_root, capsys):
     whole = _tiny_trainer(tmp_path / "whole", small_root, fixed_validation=True)
     subset = _tiny_trainer(tmp_path / "subset", small_root, fixed_validation=True, valid_examples=50)
