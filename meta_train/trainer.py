@@ -514,6 +514,9 @@ class Trainer:
             self.stop_reason = ""
             self.rule.load_state_dict(self.best_state)
         if action in ("advance", "rebaseline"):
+            if self.cfg.fixed_validation and self.cfg.valid_horizon is not None and math.isfinite(self.best_val):
+                self._baseline(self.best_val)  # N_valid and the optimizees stay: the best's value stands
+                return
             current = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
             self.rule.load_state_dict(self.best_state)
             self._baseline()

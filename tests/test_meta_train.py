@@ -611,6 +611,9 @@ def test_an_advance_reuses_the_best_value_only_when_its_validation_would_repeat(
     same = _tiny_trainer(tmp_path / "same", small_root, valid_horizon=35, fixed_validation=True, **common)
     assert advance(same) == [] and same.best_val == same.curriculum.best == 0.5
     assert same.history[-1]["reused"] is True
+    same.curriculum.stage = 2  # the last stage; --resume with more --horizons keeps N_valid, so no re-measure
+    same._extend_curriculum([10, 20, 30, 40])
+    assert same.curriculum.best == 0.5 and same.history[-1]["reused"] is True and not same.curriculum.awaiting_baseline
     # fresh optimizees, or an N_valid that moves on with the stage: the restored best is validated again
     for name, kwargs in (("fresh", {"valid_horizon": 35}), ("moves", {"fixed_validation": True})):
         other = _tiny_trainer(tmp_path / name, small_root, **kwargs, **common)
