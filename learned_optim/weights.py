@@ -407,7 +407,10 @@ def recipe_summary(recipe: dict) -> str:
         parts.append("validated" + (f" at N = {recipe['valid_horizon']}" if recipe.get("valid_horizon") else "")
                      + (f" on {recipe['valid_examples']} training examples" if recipe.get("valid_examples") else ""))
     if "epochs_run" in recipe:
-        parts.append(f"from a run of {recipe['epochs_run']} epochs")
+        best, at = recipe.get("best_epoch"), recipe.get("best_horizon")
+        kept = (f" (the model of epoch {best}" + (f", trained at N = {at}" if at is not None else "") + ")"
+                if best is not None and best != recipe["epochs_run"] else "")
+        parts.append(f"from a run of {recipe['epochs_run']} epochs{kept}")
     return "; ".join(parts)
 
 

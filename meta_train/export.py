@@ -87,9 +87,23 @@ def bundle(run_dir: Path, name: str, pretrained_dir: Path, evaluation: dict | No
         elapsed = [r["elapsed"] for r in lines if "elapsed" in r]
         if elapsed:
             recipe["wall_clock_s"] = elapsed[-1]
+        recipe.update(exported_model(lines, recipe))
     if notes:
         recipe["notes"] = notes
     return _write_bundled(src, name, pretrained_dir, recipe, evaluation or meta["evaluation"])
+
+
+def exported_model(log: list[dict], recipe: dict) -> dict:
+    """Which model of the run ``weights.safetensors`` holds, read from its ``log.jsonl`` records: the last
+    validation that improved (the trainer keeps that model as its best and exports it; an ADVANCE restores it, a
+    baseline does not replace it), as ``best_epoch`` and ``best_horizon`` (the unroll horizon N it was trained at).
+    An ``--init`` run that never improved exports its starting weights (epoch 0). Empty when the log cannot say."""
+    improved = [r["epoch"] for r in log if r.get("type") == "eval" and r.get("action") == "improved"]
+    if not improved:
+        return {"best_epoch": 0} if recipe.get("init") else {}
+    epoch = improved[-1]
+    horizons = [r["horizon"] for r in log if r.get("type") == "epoch" and r.get("epoch") == epoch and "horizon" in r]
+    return {"best_epoch": epoch, **({"best_horizon": horizons[-1]} if horizons else {})}
 
 
 def _write_bundled(src: Path, name: str, pretrained_dir: Path, recipe: dict, evaluation: dict) -> Path:

@@ -517,6 +517,32 @@ def test_bundle_pins_sha_writes_card_and_resolves(tmp_path, monkeypatch):
     learned_optim.L2ODM([torch.zeros(2, requires_grad=True)], weights="my-dm")
 
 
+def test_bundle_records_which_model_of_the_run_it_exports(tmp_path):
+    from meta_train.export import bundle
+
+    run = tmp_path / "run"
+    run.mkdir()
+    recipe = {"model": "rnnprop", "task": "mlp-orig", "curriculum": True, "horizons": [100, 200],
+              "horizon_reached": 200, "epochs_run": 6}
+    learned_optim.save_weights(learned_optim.build_rule("rnnprop"), run / "weights.safetensors", recipe=recipe)
+    records = [{"type": "epoch", "epoch": e, "horizon": 100 if e <= 4 else 200, "elapsed": float(e)}
+               for e in range(1, 7)]
+    records[1:1] = [{"type": "eval", "epoch": 2, "action": "improved"}]
+    records[4:4] = [{"type": "eval", "epoch": 4, "action": "improved"}, {"type": "eval", "epoch": 4, "action": "advance"},
+                    {"type": "eval", "epoch": 4, "action": "baseline"}]
+    records += [{"type": "eval", "epoch": 6, "action": "stop"}]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    dst = bundle(run, "my-rnnprop", tmp_path / "pretrained")
+    got = learned_optim.read_metadata(dst)["recipe"]
+    assert (got["best_epoch"], got["best_horizon"]) == (4, 100)
+    assert "from a run of 6 epochs (the model of epoch 4, trained at N = 100)" in learned_optim.weights.recipe_summary(got)
+    # an --init run that never improved exports its starting weights; a log without validations says nothing
+    from meta_train.export import exported_model
+    assert exported_model(records[:1], {"init": {"weights": "x"}}) == {"best_epoch": 0}
+    assert exported_model(records[:1], {}) == {}
+    assert "(the model" not in learned_optim.weights.recipe_summary({**got, "best_epoch": 6})
+
+
 def test_refresh_embeds_only_the_evaluations_of_these_weights(tmp_path):
     from learned_optim import weights as W
     from meta_train.export import bundle, main as export_main
