@@ -3,8 +3,9 @@
     python -m meta_train.export RUN_DIR NAME [--out DIR] [--force] [--evaluation RESULT.json ...]
     python -m meta_train.export --refresh NAME [NAME ...] --pretrained-dir pretrained [--results results]
 
-The first form copies ``RUN_DIR/weights.safetensors`` to ``DIR/NAME.safetensors`` with the run's wall-clock (from
-``log.jsonl``) and an optional evaluation summary added to its metadata, writes the model card ``DIR/NAME.md`` and
+The first form copies ``RUN_DIR/weights.safetensors`` to ``DIR/NAME.safetensors`` with the run's wall-clock and the
+epoch and horizon of the model it holds (both from ``log.jsonl``) and an optional evaluation summary added to its
+metadata, writes the model card ``DIR/NAME.md`` and
 pins the file's sha256 in ``DIR/registry.json``. ``DIR`` defaults to your own weights folder
 (``$LEARNED_OPTIM_HOME/weights``, else ``~/.cache/learned_optim/weights``), where ``learned_optim`` finds the name:
 ``L2ODM(params, weights=NAME)``. A name that exists already, bundled or yours, is refused unless ``--force``
