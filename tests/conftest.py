@@ -11,7 +11,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-os.environ["LEARNED_OPTIM_HOME"] = tempfile.mkdtemp(prefix="learned_optim_home_")
+_HOME = tempfile.TemporaryDirectory(prefix="learned_optim_home_")  # removed when the test process exits
+os.environ["LEARNED_OPTIM_HOME"] = _HOME.name
 
 
 def pytest_collection_modifyitems(config, items):

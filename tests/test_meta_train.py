@@ -484,7 +484,7 @@ def test_two_processes_with_torchrun(tmp_path, small_root):
            "-m", "meta_train", "--model", "dm", "--imitation", "--out", str(out), "--horizons", "20",
            "--epochs", "4", "--eval-every", "2", "--eval-runs", "2", "--no-progress", "--threads", "1"]
     proc = subprocess.run(cmd, env=_env(small_root), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, f"torchrun exited {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
     meta = learned_optim.read_metadata(out / "weights.safetensors")
     assert meta["recipe"]["world_size"] == 2
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
