@@ -2,6 +2,7 @@
 
     python -m meta_train.export RUN_DIR NAME [--out DIR] [--force] [--evaluation RESULT.json ...]
     python -m meta_train.export --refresh NAME [NAME ...] --pretrained-dir pretrained [--results results]
+    python -m meta_train.export --refresh NAME --run RUN_DIR --pretrained-dir pretrained
 
 The first form copies ``RUN_DIR/weights.safetensors`` to ``DIR/NAME.safetensors`` with the run's wall-clock and the
 epoch and horizon of the model it holds (both from ``log.jsonl``) and an optional evaluation summary added to its
@@ -13,7 +14,8 @@ pins the file's sha256 in ``DIR/registry.json``. ``DIR`` defaults to your own we
 ``pretrained/`` folder instead (maintainers, to ship weights in the wheel).
 ``--refresh`` re-embeds in bundled files and their cards the evaluations in ``--results`` of exactly
 those weights (same :func:`learned_optim.weights_digest`; per task the one with the most seeds); tensors
-and recipe are kept, so the digest, and every evaluation keyed on it, stays valid.
+and recipe are kept, so the digest, and every evaluation keyed on it, stays valid. ``--refresh NAME --run RUN_DIR``
+also adds the epoch and horizon of the model the file holds, read from the log of the run it was exported from.
 """
 from __future__ import annotations
 
@@ -95,11 +97,18 @@ def bundle(run_dir: Path, name: str, pretrained_dir: Path, evaluation: dict | No
 
 
 def exported_model(log: list[dict], recipe: dict) -> dict:
-    """Which model of the run ``weights.safetensors`` holds, read from its ``log.jsonl`` records: the last
+    """Which model of the run a weight file of it holds, read from the run's ``log.jsonl`` records: the last
     validation that improved (the trainer keeps that model as its best and exports it; an ADVANCE restores it, a
     baseline does not replace it), as ``best_epoch`` and ``best_horizon`` (the unroll horizon N it was trained at).
-    An ``--init`` run that never improved exports its starting weights (epoch 0). Empty when the log cannot say."""
-    improved = [r["epoch"] for r in log if r.get("type") == "eval" and r.get("action") == "improved"]
+    Where the log holds the validation value the file records (``best_val_loss``), the log is read up to its last
+    such record, so a run that went on after the file was written still names the file's model. An ``--init`` run
+    that never improved exports its starting weights (epoch 0). Empty when the log cannot say."""
+    evals = [r for r in log if r.get("type") == "eval"]
+    best = recipe.get("best_val_loss")
+    same = [i for i, r in enumerate(evals) if best is not None and r.get("val_loss") == best]
+    if same:
+        evals = evals[:same[-1] + 1]
+    improved = [r["epoch"] for r in evals if r.get("action") == "improved"]
     if not improved:
         return {"best_epoch": 0} if recipe.get("init") else {}
     epoch = improved[-1]
@@ -134,14 +143,27 @@ def evaluations_of(path: Path, results: Path) -> list[Path]:
     return [file for _, file in best.values()]
 
 
-def refresh(name: str, pretrained_dir: Path, results: Path) -> Path:
-    """Re-embed the current evaluations of bundled ``name`` (see the module doc)."""
+def refresh(name: str, pretrained_dir: Path, results: Path, run_dir: Path | None = None) -> Path:
+    """Re-embed the current evaluations of bundled ``name`` (see the module doc). With ``run_dir``, the run the
+    file was exported from, also record which model of that run it holds (:func:`exported_model`), for files
+    exported before export recorded it; the run's log must hold the file's validation value."""
     src = pretrained_dir / f"{name}.safetensors"
     if not src.is_file():
         raise ExportError(f"{src} does not exist; names in {pretrained_dir}: "
                           f"{sorted(p.stem for p in pretrained_dir.glob('*.safetensors'))}")
-    return _write_bundled(src, name, pretrained_dir, read_metadata(src)["recipe"],
-                          summarize_evaluations(evaluations_of(src, results)))
+    recipe = dict(read_metadata(src)["recipe"])
+    if run_dir is not None:
+        log = Path(run_dir) / "log.jsonl"
+        if not log.is_file():
+            raise ExportError(f"{log} does not exist: --run must be the meta_train --out folder {name} was "
+                              "exported from")
+        lines = [json.loads(l) for l in log.read_text().splitlines() if l.strip()]
+        best = recipe.get("best_val_loss")
+        if best is None or not any(r.get("type") == "eval" and r.get("val_loss") == best for r in lines):
+            raise ExportError(f"{log} has no validation with {name}'s best_val_loss {best}: {name} was not exported "
+                              "from that run; pass the --out folder it came from")
+        recipe.update(exported_model(lines, recipe))
+    return _write_bundled(src, name, pretrained_dir, recipe, summarize_evaluations(evaluations_of(src, results)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="re-embed the evaluations in --results of these weights in --pretrained-dir or --out "
                          "(same digest)")
     ap.add_argument("--results", type=Path, default=Path("results"), help="evaluation results folder (--refresh)")
+    ap.add_argument("--run", type=Path, default=None, metavar="RUN_DIR",
+                    help="with --refresh NAME: the run NAME was exported from; records which model of it (epoch, "
+                         "horizon) the file holds, for files exported before export recorded it")
     ap.add_argument("--evaluation", type=Path, nargs="*", default=[],
                     help="meta_train.evaluate result files whose summaries (not curves) are embedded, one per task")
     ap.add_argument("--notes", help="free text recorded in the recipe (e.g. how the recipe was shortened)")
@@ -176,9 +201,13 @@ def main(argv=None) -> int:
                 ap.error("--refresh takes names only, no RUN_DIR NAME")
             if args.pretrained_dir is None and args.out is None:
                 ap.error("--refresh needs the folder it rewrites: --pretrained-dir pretrained (bundled) or --out DIR")
+            if args.run is not None and len(args.refresh) != 1:
+                ap.error("--run names the run of one bundled file: --refresh NAME --run RUN_DIR")
             for name in args.refresh:
-                print(refresh(name, folder, args.results))
+                print(refresh(name, folder, args.results, args.run))
             return 0
+        if args.run is not None:
+            ap.error("--run goes with --refresh NAME (RUN_DIR NAME exports read the run's log already)")
         if not (args.run_dir and args.name):
             ap.error("RUN_DIR and NAME are required (or --refresh NAME ...)")
         evaluation = summarize_evaluations(args.evaluation) if args.evaluation else None

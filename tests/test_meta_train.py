@@ -543,6 +543,42 @@ def test_bundle_records_which_model_of_the_run_it_exports(tmp_path):
     assert "(the model" not in learned_optim.weights.recipe_summary({**got, "best_epoch": 6})
 
 
+def test_refresh_records_which_model_of_its_run_an_older_file_holds(tmp_path):
+    from meta_train.export import bundle, main as export_main
+
+    run, pretrained, results = tmp_path / "run", tmp_path / "pretrained", tmp_path / "results"
+    run.mkdir()
+    results.mkdir()
+    # a file written before export recorded its model: the run's best (epoch 2, N = 100) re-validated as stage 2's
+    # baseline (0.3); the run went on after the export and improved again at epoch 6 (0.2)
+    recipe = {"model": "dm", "epochs_run": 4, "best_val_loss": 0.3}
+    learned_optim.save_weights(learned_optim.build_rule("dm"), run / "weights.safetensors", recipe=recipe)
+    dst = bundle(run, "my-dm", pretrained)
+    assert "best_epoch" not in learned_optim.read_metadata(dst)["recipe"]  # no log yet: nothing to say
+    digest = learned_optim.weights_digest(dst)
+    records = [{"type": "epoch", "epoch": e, "horizon": 100 if e <= 3 else 200} for e in range(1, 7)]
+    records[1:1] = [{"type": "eval", "epoch": 2, "action": "improved", "val_loss": 0.4}]
+    records[4:4] = [{"type": "eval", "epoch": 3, "action": "advance", "val_loss": 0.5},
+                    {"type": "eval", "epoch": 3, "action": "baseline", "val_loss": 0.3}]
+    records += [{"type": "eval", "epoch": 6, "action": "improved", "val_loss": 0.2}]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    before = (pretrained / "my-dm.safetensors").read_bytes()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "log.jsonl").write_text(json.dumps({"type": "eval", "epoch": 1, "action": "improved", "val_loss": 0.9}))
+    for bad in (["--run", str(other)], ["--run", str(tmp_path / "missing")]):  # not its run: refused, file untouched
+        assert export_main(["--refresh", "my-dm", *bad, "--pretrained-dir", str(pretrained)]) == 2
+    assert (pretrained / "my-dm.safetensors").read_bytes() == before
+    assert export_main(["--refresh", "my-dm", "--run", str(run), "--pretrained-dir", str(pretrained),
+                        "--results", str(results)]) == 0
+    got = learned_optim.read_metadata(dst)["recipe"]
+    assert (got["best_epoch"], got["best_horizon"]) == (2, 100) and got["epochs_run"] == 4
+    assert learned_optim.weights_digest(dst) == digest
+    assert "(the model of epoch 2, trained at N = 100)" in (pretrained / "my-dm.md").read_text()
+    with pytest.raises(SystemExit):  # --run names one file's run
+        export_main(["--refresh", "my-dm", "other", "--run", str(run), "--pretrained-dir", str(pretrained)])
+
+
 def test_refresh_embeds_only_the_evaluations_of_these_weights(tmp_path):
     from learned_optim import weights as W
     from meta_train.export import bundle, main as export_main
