@@ -1,8 +1,9 @@
 """Every bundled file meta-trained with random scaling against the file it replaced (the same recipe without
 it, kept in ``results/superseded/NAME-unscaled__TASK.json``) on every task, with the tuned baselines of the results
 table, one table per name; then every other random-scaling run measured on MLP-orig
-(``results/diagnostics/random_scaling/RUN__mlp-orig.json``) against the bundled file of its name. Prints the
-markdown tables for docs/findings.md:
+(``results/diagnostics/random_scaling/RUN__mlp-orig.json``) against the bundled file of its name; then each
+candidate measured on more tasks and not bundled (``results/candidates/``) against the file bundled under its name
+now. Prints the markdown tables for docs/findings.md:
 
     python scripts/experiments/random_scaling.py [--results results]
 
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(_replaced(results, cells, name)))
         print()
     print("\n".join(_other_runs(results, cells)))
+    for lines in _candidates(results, cells):
+        print()
+        print("\n".join(lines))
     return 0
 
 
@@ -97,6 +101,43 @@ def _other_runs(results: Path, cells: dict) -> list[str]:
             better = report._seeds_won(run, bundled)
         lines.append(f"| `{name}` | {recipe} | {len(finals)} | {per_seed} | {_mean(finals)} | {against} | {better} |")
     return lines
+
+
+def _candidates(results: Path, cells: dict) -> list[list[str]]:
+    """One table per candidate measured beyond MLP-orig and not bundled (``results/candidates[/DIR]/NAME__TASK.json``,
+    evaluated under the name it would be bundled as) against the file bundled under that name now; its MLP-orig
+    result is the random-scaling diagnostic of the same weights where the candidate folder has none."""
+    diagnostics = {}
+    for path in sorted((results / "diagnostics" / "random_scaling").glob("*__mlp-orig.json")):
+        run = json.loads(path.read_text())
+        diagnostics.setdefault(run.get("weights_digest"), run)
+    groups: dict[tuple, dict] = {}
+    for path in sorted((results / "candidates").rglob("*__*.json")):
+        if ".partial" in path.parts:
+            continue
+        run = json.loads(path.read_text())
+        groups.setdefault((run["label"], run.get("weights_digest"), run["weights_path"]), {})[run["task"]] = run
+    tables = []
+    for (name, digest, weights), by_task in groups.items():
+        if any(n == name and c.get("weights_digest") == digest for (_, n), c in cells.items()):
+            continue  # bundled since: in the table of its name above
+        if "mlp-orig" not in by_task and digest in diagnostics:
+            by_task["mlp-orig"] = diagnostics[digest]
+        lines = [f"| task | `{weights}` | `{name}` bundled | better |", "|---|---|---|---|"]
+        ours, theirs = [], []
+        for task in report._order_tasks(set(by_task)):
+            new, old = by_task[task], cells.get((task, name))
+            if old is None:
+                continue
+            if task != "mlp-orig":
+                ours.append(new["final_ln_loss_mean"])
+                theirs.append(old["final_ln_loss_mean"])
+            lines.append(f"| {task} | {_minus(report._short(new))} | {_minus(report._short(old))} | "
+                         f"{report._seeds_won(new, old)} |")
+        if ours:
+            lines.append(f"| mean of the other {len(ours)} tasks | {_mean(ours)} | {_mean(theirs)} | |")
+        tables.append(lines)
+    return tables
 
 
 def _evaluated_file(path: Path, digest: str | None) -> Path | None:
