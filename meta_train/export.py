@@ -86,7 +86,7 @@ def bundle(run_dir: Path, name: str, pretrained_dir: Path, evaluation: dict | No
     recipe = dict(meta["recipe"])
     log = Path(run_dir) / "log.jsonl"
     if log.exists():
-        lines = [json.loads(l) for l in log.read_text().splitlines() if l.strip()]
+        lines = read_log(log)
         elapsed = [r["elapsed"] for r in lines if "elapsed" in r]
         if elapsed:
             recipe["wall_clock_s"] = elapsed[-1]
@@ -94,6 +94,11 @@ def bundle(run_dir: Path, name: str, pretrained_dir: Path, evaluation: dict | No
     if notes:
         recipe["notes"] = notes
     return _write_bundled(src, name, pretrained_dir, recipe, evaluation or meta["evaluation"])
+
+
+def read_log(path: Path) -> list[dict]:
+    """A run's ``log.jsonl``: one record per non-empty line."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def exported_model(log: list[dict], recipe: dict) -> dict:
@@ -157,7 +162,7 @@ def refresh(name: str, pretrained_dir: Path, results: Path, run_dir: Path | None
         if not log.is_file():
             raise ExportError(f"{log} does not exist: --run must be the meta_train --out folder {name} was "
                               "exported from")
-        lines = [json.loads(l) for l in log.read_text().splitlines() if l.strip()]
+        lines = read_log(log)
         best = recipe.get("best_val_loss")
         if best is None or not any(r.get("type") == "eval" and r.get("val_loss") == best for r in lines):
             raise ExportError(f"{log} has no validation with {name}'s best_val_loss {best}: {name} was not exported "
