@@ -105,8 +105,9 @@ def _other_runs(results: Path, cells: dict) -> list[str]:
 
 def _candidates(results: Path, cells: dict) -> list[list[str]]:
     """One table per candidate measured beyond MLP-orig and not bundled (``results/candidates[/DIR]/NAME__TASK.json``,
-    evaluated under the name it would be bundled as) against the file bundled under that name now; its MLP-orig
-    result is the random-scaling diagnostic of the same weights where the candidate folder has none."""
+    evaluated under the name it would be bundled as) against the file bundled under that name now and, where that name
+    was replaced since, against the file it replaced (the one the candidate was judged against); its MLP-orig result is
+    the random-scaling diagnostic of the same weights where the candidate folder has none."""
     diagnostics = {}
     for path in sorted((results / "diagnostics" / "random_scaling").glob("*__mlp-orig.json")):
         run = json.loads(path.read_text())
@@ -123,19 +124,32 @@ def _candidates(results: Path, cells: dict) -> list[list[str]]:
             continue  # bundled since: in the table of its name above
         if "mlp-orig" not in by_task and digest in diagnostics:
             by_task["mlp-orig"] = diagnostics[digest]
-        lines = [f"| task | `{weights}` | `{name}` bundled | better |", "|---|---|---|---|"]
-        ours, theirs = [], []
+        before = {task: json.loads(p.read_text()) for task in by_task
+                  if (p := results / "superseded" / f"{name}-unscaled__{task}.json").exists()}
+        header = f"| task | `{weights}` | `{name}` bundled | better |"
+        if before:  # the name was replaced since: also against the file this candidate was judged against
+            header += f" `{name}` before random scaling | better |"
+        lines = [header, "|---" * header[1:].count("|") + "|"]
+        ours, theirs, olds = [], [], []
         for task in report._order_tasks(set(by_task)):
-            new, old = by_task[task], cells.get((task, name))
-            if old is None:
+            new, now = by_task[task], cells.get((task, name))
+            if now is None:
                 continue
             if task != "mlp-orig":
                 ours.append(new["final_ln_loss_mean"])
-                theirs.append(old["final_ln_loss_mean"])
-            lines.append(f"| {task} | {_minus(report._short(new))} | {_minus(report._short(old))} | "
-                         f"{report._seeds_won(new, old)} |")
+                theirs.append(now["final_ln_loss_mean"])
+            row = f"| {task} | {_minus(report._short(new))} | {_minus(report._short(now))} | {report._seeds_won(new, now)} |"
+            if before:
+                old = before.get(task)
+                row += f" {_minus(report._short(old))} | {report._seeds_won(new, old)} |" if old else " – | – |"
+                if old and task != "mlp-orig":
+                    olds.append(old["final_ln_loss_mean"])
+            lines.append(row)
         if ours:
-            lines.append(f"| mean of the other {len(ours)} tasks | {_mean(ours)} | {_mean(theirs)} | |")
+            mean_row = f"| mean of the other {len(ours)} tasks | {_mean(ours)} | {_mean(theirs)} | |"
+            if before:
+                mean_row += f" {_mean(olds) if len(olds) == len(ours) else '–'} | |"
+            lines.append(mean_row)
         tables.append(lines)
     return tables
 
