@@ -319,6 +319,35 @@ def test_interpreted_state_dict_moves_between_backends(interpreted):
         assert worst <= FP32_TOL, (rule, worst)
 
 
+# ---------------------------------------------------------------------------------------------- CPU: compiler
+_COMPILE_FOR_H200 = """
+import json, sys, torch
+sys.path.insert(0, "benchmarks")
+from kernel_resources import measure
+from learned_optim.kernels import lstm
+dm = lstm.variants(rules=("dm",), dtypes=(torch.float32,), vecs=(4,))[0]
+rnnprop = lstm.variants(rules=("rnnprop",), dtypes=(torch.bfloat16,), vecs=(1,))[0]
+print(json.dumps([measure(v, 90) for v in (dm, rnnprop)]))
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_kernel_compiles_for_the_h200_without_a_gpu(tmp_path):
+    # The interpreter runs the kernel's maths, not its lowering: compile the default L2O-DM variant and a
+    # bfloat16 RNNprop one (scalar accesses) down to sm_90a machine code, as the GPU would at its first step.
+    ptxas = Path(sys.modules["triton"].__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("this triton wheel has no ptxas")
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=str(REPO))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H200], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for usage in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert usage["cubin_bytes"] > 0 and 0 < usage["registers"] <= 255, usage
+        assert usage["shared_bytes"] <= 227 * 1024, usage  # the most shared memory one block may use on sm_90
+
+
 # ---------------------------------------------------------------------------------------------- dispatch
 def _params(device="cpu"):
     return [torch.nn.Parameter(torch.randn(3, 4, device=device))]

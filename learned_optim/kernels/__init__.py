@@ -39,8 +39,11 @@ dtypes), whatever the number of tensors:
   to fp32 accuracy); ``LEARNED_OPTIM_TRITON_PRECISION=ieee`` gives plain fp32 FMA, ``tf32`` the fast, lossy
   one. ``LEARNED_OPTIM_TRITON_BLOCK`` / ``_WARPS`` / ``_MAXNREG`` override BLOCK (64), num_warps (4) and the
   register cap per thread (none).
-  Compiled for sm_90a (ptxas of the Triton wheel, no GPU needed), the default variant uses 255 registers per
-  thread with 64 B (DM) / 196 B (RNNprop) of spills; "ieee" spills kilobytes, BLOCK 128 with 4 warps too.
+  Compiled for sm_90a without a GPU (``lstm.compile_for``, ptxas of the Triton wheel; every variant and
+  launch configuration in ``benchmarks/kernel_resources.py``), the default fp32 variant uses 255 registers per
+  thread (so at most two programs of 4 warps per SM) with 64 B (DM) / 196 B (RNNprop) of spills per thread and
+  16 KB of shared memory; "tf32" needs 144 / 172 registers and no spills but is not accurate enough; "ieee"
+  spills kilobytes. The default suite compiles two variants this way, which the interpreter cannot check.
   ``benchmarks/step.py --triton-configs`` times other launch configurations side by side;
   ``lstm.precompile()`` fills Triton's cache for every dtype variant in parallel processes.
 

@@ -371,14 +371,43 @@ def variants(rules=("dm", "rnnprop"), dtypes=(torch.float32, torch.bfloat16, tor
     return out
 
 
-def _compile(v: dict) -> str:
-    nw = 4 + 4 * v["layers"]
-    _lstm_step_kernel.warmup(
-        torch.int64, torch.int32, 1.0, 1.0, 0.5, 0.5, 1e-8, 0.5, 0.5, 0.01, grid=(1,), RULE=_RULE_IDS[v["rule"]], NUM_LAYERS=v["layers"], H=v["hidden"],
-        HP=max(16, triton.next_power_of_2(v["hidden"])), BLOCK=v["block"], G_DTYPE=_TL_DTYPES[v["p"]],
-        P_DTYPE=_TL_DTYPES[v["p"]], S_DTYPE=_TL_DTYPES[v["s"]], PRECISION=v["precision"], NW=nw, NCOL=_NCOL,
-        VEC=v["vec"], num_warps=v["warps"], **({"maxnreg": v["maxnreg"]} if v.get("maxnreg") else {}))
+def _specialisation(v: dict) -> dict:
+    """The compile-time arguments (constexprs) of one variant."""
+    return dict(RULE=_RULE_IDS[v["rule"]], NUM_LAYERS=v["layers"], H=v["hidden"],
+                HP=max(16, triton.next_power_of_2(v["hidden"])), BLOCK=v["block"], G_DTYPE=_TL_DTYPES[v["p"]],
+                P_DTYPE=_TL_DTYPES[v["p"]], S_DTYPE=_TL_DTYPES[v["s"]], PRECISION=v["precision"],
+                NW=4 + 4 * v["layers"], NCOL=_NCOL, VEC=v["vec"])
+
+
+def _describe(v: dict) -> str:
     return f"{v['rule']} H={v['hidden']} L={v['layers']} state={v['s']} param={v['p']} VEC={v['vec']}"
+
+
+def _compile(v: dict) -> str:
+    _lstm_step_kernel.warmup(
+        torch.int64, torch.int32, 1.0, 1.0, 0.5, 0.5, 1e-8, 0.5, 0.5, 0.01, grid=(1,), **_specialisation(v),
+        num_warps=v["warps"], **({"maxnreg": v["maxnreg"]} if v.get("maxnreg") else {}))
+    return _describe(v)
+
+
+def compile_for(v: dict, arch: int = 90):
+    """Compile one variant (an entry of :func:`variants`) for an NVIDIA GPU of compute capability ``arch``
+    (90: H100 / H200) without that GPU, or any GPU: Triton's compiler and the ptxas of its wheel, down to
+    the cubin. Returns Triton's ``CompiledKernel`` (``asm["ptx"]``, ``asm["cubin"]``, ``metadata.shared``).
+    Checks what Triton's interpreter cannot: that the kernel lowers for the real target."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if not isinstance(_lstm_step_kernel, triton.JITFunction):
+        raise RuntimeError("compile_for needs the compiled kernel: unset TRITON_INTERPRET before importing triton")
+    const = _specialisation(v)
+    names = _lstm_step_kernel.arg_names
+    signature = {n: "constexpr" if n in const else "*i64" if n == "table" else "*i32" if n == "block_map"
+                 else "fp32" for n in names}
+    source = ASTSource(fn=_lstm_step_kernel, signature=signature,
+                       constexprs={(names.index(n),): value for n, value in const.items()})
+    options = {"num_warps": v["warps"], **({"maxnreg": v["maxnreg"]} if v.get("maxnreg") else {})}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def precompile(variant_list: list[dict] | None = None, processes: int | None = None) -> list[str]:
