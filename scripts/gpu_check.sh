@@ -19,7 +19,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export LEARNED_OPTIM_DATA=${LEARNED_OPTIM_DATA:-$PWD/data}
 unset TRITON_INTERPRET  # the interpreter runs CPU tensors only
-SWEEP=${SWEEP:-"32x2,128x8,64x4:tf32x3:128,64x4:tf32x3:168,64x4:tf32"}  # BLOCKxWARPS[:PRECISION[:MAXNREG]]
+SWEEP=${SWEEP:-"32x2,64x8,128x8,64x4:tf32x3:128,64x4:tf32x3:168,64x4:tf32"}  # BLOCKxWARPS[:PRECISION[:MAXNREG]]
 status=0
 started=$(date +%s)
 
