@@ -481,13 +481,24 @@ def weights_markdown(cells: dict[tuple[str, str], dict[str, Any]]) -> str:
              "10,000 steps, mean over 10 seeds, at `lr=1` (docs/reproduction.md has every task and optimizer).", "",
              f"**Start with `{recommended}`**: it is the best learned optimizer on the most tasks "
              f"({', '.join(wins.get(recommended, [])) or 'none measured'}).", "",
-             "| name | class | recipe | MLP-orig | best learned optimizer on |", "|---|---|---|---|---|"]
+             "| name | class | recipe | meta-training | MLP-orig | best learned optimizer on |",
+             "|---|---|---|---:|---|---|"]
     for name in names:
         meta = read_metadata(resolve_weights(name))
         value = _value(cells, "mlp-orig", name)
-        lines.append(f"| `{name}` | `{cls[meta['rule']]}` | {recipe_summary(meta['recipe'])} | {_fmt(value)} | "
+        lines.append(f"| `{name}` | `{cls[meta['rule']]}` | {recipe_summary(meta['recipe'])} | "
+                     f"{_hours(meta['recipe'].get('wall_clock_s'))} | {_fmt(value)} | "
                      f"{', '.join(wins.get(name, [])) or '–'} |")
+    lines += ["", "Meta-training: wall-clock time of the run up to its export (`wall_clock_s` of the recipe, validation "
+                  "included), on one core of this project's 2-core CPU machine (`--threads 1`), often beside another "
+                  "run, so an upper bound."]
     return "\n".join(lines) + "\n"
+
+
+def _hours(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 REPRODUCTION_HEAD = """# Reproduction: the paper's protocol on our weights
