@@ -335,7 +335,9 @@ print(json.dumps([measure(v, 90) for v in (dm, rnnprop)]))
 def test_kernel_compiles_for_the_h200_without_a_gpu(tmp_path):
     # The interpreter runs the kernel's maths, not its lowering: compile the default L2O-DM variant and a
     # bfloat16 RNNprop one (scalar accesses) down to sm_90a machine code, as the GPU would at its first step.
-    ptxas = Path(sys.modules["triton"].__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists():
         pytest.skip("this triton wheel has no ptxas")
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=str(REPO))
