@@ -4,7 +4,8 @@ Every variant (rule x state dtype x parameter dtype x vector width) and every la
 ``--configs`` (BLOCKxWARPS[:tl.dot precision[:register cap per thread]], the syntax of ``step.py
 --triton-configs``) is compiled with Triton's compiler for ``--arch`` (default 90: H100 / H200) down to the
 cubin, with no GPU needed (``learned_optim.kernels.lstm.compile_for``); ptxas of Triton's wheel, run again with
-``-v`` on the same PTX, reports registers per thread, spill stores / loads and the stack frame. Spills go to
+``-v`` on the same PTX, reports registers per thread, spill stores / loads and the stack frame; for sm_90 the
+programs (and warps) one SM can hold follow from those, as the CUDA occupancy calculator counts. Spills go to
 local memory (L1/L2-cached device memory): they add traffic beyond the step's own. This says which
 configurations compile and what they cost in registers; only a GPU says how fast they run.
 
@@ -72,6 +73,19 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
     return {key: int(m[1]) if (m := re.search(pattern, text)) else None for key, pattern in _USAGE.items()}
 
 
+# per-SM limits of compute capability 9.0 (H100 / H200): registers, shared memory, threads, resident blocks
+SM90 = {"registers": 65536, "shared_bytes": 228 * 1024, "block_reserved_shared": 1024, "threads": 2048, "blocks": 32}
+
+
+def resident_programs(registers: int, warps: int, shared: int, limits: dict = SM90) -> int:
+    """Programs (thread blocks) one SM holds at once, as the CUDA occupancy calculator counts them: registers
+    allocated per warp in units of 256, shared memory per block plus 1 KB reserved, 32 threads per warp."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = limits["registers"] // (per_warp * warps) if per_warp else limits["blocks"]
+    by_shared = limits["shared_bytes"] // (shared + limits["block_reserved_shared"])
+    return min(by_regs, by_shared, limits["threads"] // (32 * warps), limits["blocks"])
+
+
 def measure(v: dict, arch: int) -> dict:
     """Compile one variant for ``arch`` and report its resources (runs in a worker process)."""
     import torch  # noqa: F401  (dtypes in v)
@@ -79,7 +93,11 @@ def measure(v: dict, arch: int) -> dict:
 
     kernel = lstm.compile_for(v, arch)
     usage = ptxas_usage(kernel.asm["ptx"], arch)
-    return {**usage, "shared_bytes": kernel.metadata.shared, "cubin_bytes": len(kernel.asm["cubin"])}
+    out = {**usage, "shared_bytes": kernel.metadata.shared, "cubin_bytes": len(kernel.asm["cubin"])}
+    if arch == 90 and usage["registers"]:
+        programs = resident_programs(usage["registers"], v["warps"], out["shared_bytes"])
+        out["programs_per_sm"], out["warps_per_sm"] = programs, programs * v["warps"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
