@@ -141,7 +141,9 @@ def summary_table(step: dict, meta: dict | None, evaluate: dict | None, size: st
                          + " | ".join(cells) + f" | {ref} |")
     lines += ["", "On a GPU, L2O-DM and RNNprop step with a fused Triton kernel (one launch per param group) and "
               "meta-training and evaluation run populations; these are built and tested (through Triton's "
-              "interpreter on the CPU) but not yet timed on a GPU: `scripts/gpu_check.sh` measures them on one."]
+              "interpreter on the CPU; the kernel also compiled for an H200, "
+              "`benchmarks/results/kernel_resources_sm90.json`) but not yet timed on a GPU: `scripts/gpu_check.sh` "
+              "measures them on one."]
     return "\n".join(lines)
 
 
