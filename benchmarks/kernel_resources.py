@@ -29,6 +29,7 @@ from common import emit  # noqa: E402  (benchmarks/common.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+RULES, DTYPES = ("dm", "rnnprop"), ("float32", "bfloat16", "float16")
 DEFAULT_CONFIGS = "default,32x2,32x4,64x8,128x8,64x4:tf32,64x4:ieee,64x4:tf32x3:168,64x4:tf32x3:128"
 _USAGE = {
     "registers": r"Used (\d+) registers",
@@ -40,6 +41,8 @@ _USAGE = {
 
 def parse_configs(text: str, base: dict) -> list[dict]:
     """``default`` or BLOCKxWARPS[:PRECISION[:MAXNREG]] entries, as launch settings over ``base``."""
+    from learned_optim.kernels.lstm import _PRECISIONS as PRECISIONS
+
     out = []
     for item in filter(None, (t.strip() for t in text.split(","))):
         if item == "default":
@@ -52,6 +55,8 @@ def parse_configs(text: str, base: dict) -> list[dict]:
         block, warps = int(m[1]), int(m[2])
         if block < 16 or block & (block - 1) or warps < 1 or warps & (warps - 1):
             raise SystemExit(f"error: --configs entry {item!r}: BLOCK must be a power of two >= 16 and WARPS a power of two")
+        if m[3] and m[3] not in PRECISIONS:
+            raise SystemExit(f"error: --configs entry {item!r}: the precision must be one of {', '.join(PRECISIONS)}")
         out.append({"name": item, "block": block, "warps": warps, "precision": m[3] or base["precision"],
                     "maxnreg": int(m[4] or 0)})
     return out
@@ -117,7 +122,12 @@ def main(argv: list[str] | None = None) -> dict:
     from learned_optim.kernels import lstm
 
     rules = tuple(filter(None, args.rules.split(",")))
-    dtypes = tuple(getattr(torch, d) for d in filter(None, args.dtypes.split(",")))
+    names = tuple(filter(None, args.dtypes.split(",")))
+    if not rules or set(rules) - set(RULES):
+        raise SystemExit(f"error: --rules takes a comma list of {', '.join(RULES)}, got {args.rules!r}")
+    if not names or set(names) - set(DTYPES):
+        raise SystemExit(f"error: --dtypes takes a comma list of {', '.join(DTYPES)}, got {args.dtypes!r}")
+    dtypes = tuple(getattr(torch, d) for d in names)
     base = lstm.variants(rules=rules[:1], dtypes=(torch.float32,), vecs=(4,))[0]
     configs = parse_configs(args.configs, base)
     jobs = []  # (label, variant)
