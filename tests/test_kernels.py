@@ -332,15 +332,16 @@ print(json.dumps([measure(v, 90) for v in (dm, rnnprop)]))
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_kernel_compiles_for_the_h200_without_a_gpu(tmp_path):
+def test_kernel_compiles_for_the_h200_without_a_gpu():
     # The interpreter runs the kernel's maths, not its lowering: compile the default L2O-DM variant and a
     # bfloat16 RNNprop one (scalar accesses) down to sm_90a machine code, as the GPU would at its first step.
+    # A hit in Triton's cache (keyed on the source, options and target) is a compile that succeeded.
     import triton
 
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists():
         pytest.skip("this triton wheel has no ptxas")
-    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO))  # Triton's own cache: a repeated run reuses the compiled kernel
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H200], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=300)
