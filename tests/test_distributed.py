@@ -52,7 +52,8 @@ def train(model, opt, steps, rank, first: int = 0) -> None:
     for step in range(first, first + steps):
         x, y = batch(step, rank)
         opt.zero_grad()
-        nn.functional.mse_loss(model(x).float(), y).backward()  # bf16 outputs under mixed precision: torch 2.11 refuses a bf16/fp32 mse_loss backward
+        # float(): bf16 outputs under mixed precision; torch 2.11 refuses a bf16/fp32 mse_loss backward
+        nn.functional.mse_loss(model(x).float(), y).backward()
         opt.step()
 
 

@@ -379,15 +379,11 @@ def _specialisation(v: dict) -> dict:
                 NW=4 + 4 * v["layers"], NCOL=_NCOL, VEC=v["vec"])
 
 
-def _describe(v: dict) -> str:
-    return f"{v['rule']} H={v['hidden']} L={v['layers']} state={v['s']} param={v['p']} VEC={v['vec']}"
-
-
 def _compile(v: dict) -> str:
     _lstm_step_kernel.warmup(
         torch.int64, torch.int32, 1.0, 1.0, 0.5, 0.5, 1e-8, 0.5, 0.5, 0.01, grid=(1,), **_specialisation(v),
         num_warps=v["warps"], **({"maxnreg": v["maxnreg"]} if v.get("maxnreg") else {}))
-    return _describe(v)
+    return f"{v['rule']} H={v['hidden']} L={v['layers']} state={v['s']} param={v['p']} VEC={v['vec']}"
 
 
 def compile_for(v: dict, arch: int = 90):
