@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from learned_optim.rules import build_rule  # noqa: E402
 from meta_train.tasks import Task  # noqa: E402
 from meta_train.trainer import GRAD_CLIP_SCALE, MODEL_DEFAULTS, member_seed  # noqa: E402
-from meta_train.unroll import (Trajectory, keep_freed_memory, meta_unroll, population_meta_unroll,  # noqa: E402
-                               population_step, start, start_population)
+from meta_train.unroll import (Trajectory, keep_freed_memory, meta_unroll, population_blocks,  # noqa: E402
+                               population_meta_unroll, population_step, split_state, start, start_population)
 
 MODELS = ("dm", "rnnprop", "scale")
 
@@ -159,13 +159,15 @@ class Bench:
     @torch.no_grad()
     def rollout(self, batches) -> None:
         theta, state = self.traj.theta, self.traj.state
+        blocks = population_blocks(self.rule, theta) if self.population > 1 else None
+        state = split_state(state, blocks)
         for i, b in enumerate(batches):
             if self.population == 1:
                 _, grad = self.task.loss_and_grad(theta, b)
                 update, state = self.rule(grad, state, self.traj.step + i + 1)
             else:
                 _, grad = self.task.population_loss_and_grad(theta, b)
-                update, state = population_step(self.rule, grad, state, self.traj.step + i + 1)
+                update, state = population_step(self.rule, grad, state, self.traj.step + i + 1, blocks)
             theta = theta + update
 
 

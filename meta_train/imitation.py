@@ -18,7 +18,7 @@ from torch import Tensor
 from learned_optim.rules import Rule
 
 from .tasks import Task
-from .unroll import Trajectory, detach_state, population_step
+from .unroll import Trajectory, detach_state, join_state, population_blocks, population_step, split_state
 
 TEACHERS = {
     "adam": (torch.optim.Adam, {"lr": 0.01}),
@@ -78,16 +78,17 @@ def population_imitation_unroll(rule: Rule, task: Task, traj: Trajectory, teache
                                 generators) -> tuple[Tensor, Trajectory]:
     """:func:`imitation_unroll` for a population (``traj.theta`` (K, n), member k's batches from
     ``generators[k]``): the loss is the mean over the members of their imitation losses."""
-    theta, state = traj.theta, traj.state
+    theta, blocks = traj.theta, population_blocks(rule, traj.theta)
+    state = split_state(traj.state, blocks)
     total = theta.new_zeros(())
     for t in range(unroll):
         _, grad = task.population_loss_and_grad(theta, task.sample_batches(generators))
         step = traj.step + t + 1
         target = teacher.step(theta, grad)
-        predicted, state = population_step(rule, grad, state, step)
+        predicted, state = population_step(rule, grad, state, step, blocks)
         total = total + 0.5 * ((target - predicted) ** 2).sum() / theta.numel()
         theta = theta + target
-    return total, Trajectory(theta, detach_state(state), traj.step + unroll, traj.f0)
+    return total, Trajectory(theta, detach_state(join_state(state)), traj.step + unroll, traj.f0)
 
 
 class SelfImproving:

@@ -15,7 +15,9 @@ Populations (``population_*``): K optimizees advance together, ``theta`` of shap
 and backward run once through ``torch.func.vmap`` (:meth:`Task.population_loss`); the rule sees K times
 the coordinates. The population's state is that of K copies of the layout (every key concatenated along
 its last dimension: (F, K*n) per coordinate, (F, K*T) per tensor, (F, K) global). A coordinate-wise rule
-(L2O-DM, RNNprop) is called once on the flat (K*n,) gradient; L2O-Scale runs its per-coordinate stage once
+(L2O-DM, RNNprop) is called once on the flat (K*n,) gradient, or on the CPU once per block of
+``POPULATION_BLOCK`` coordinates (:func:`population_blocks`; the state then travels through the truncation as
+per-block views, :func:`split_state`, joined once at its end); L2O-Scale runs its per-coordinate stage once
 on the K*n coordinates and its tensor and global stage under ``vmap`` over the members, so every member
 keeps its own per-tensor and global statistics (:func:`population_step`). Member k
 draws its initialisation, random scaling and batches from ``generators[k]`` with exactly the calls one
@@ -171,16 +173,52 @@ def select_members(rule: Rule, traj: Trajectory, keep: Tensor) -> Trajectory:
 
 STAGES = ("pre_sums", "prepare", "coord_stage", "tensor_stage")
 
+#: coordinates per call of a coordinate-wise rule in a population's steps on the CPU (the optimizer's default
+#: ``chunk_size``): the rule's temporaries of one block stay in the CPU's caches, so K members cost no more per
+#: coordinate than one (benchmarks/meta_step.py). On a GPU the population is one call: width is what it needs.
+POPULATION_BLOCK = 8192
 
-def population_step(rule: Rule, grad: Tensor, state: State, step) -> tuple[Tensor, State]:
+
+def population_blocks(rule: Rule, theta: Tensor) -> list[int] | None:
+    """How a population ``theta`` (K, n) runs ``rule``: the sizes of the coordinate blocks of the flat K*n
+    coordinates, one rule call each (a coordinate-wise rule on the CPU, more than one block), or None (one call)."""
+    total = theta.numel()
+    if not rule.coordinatewise or theta.device.type != "cpu" or total <= POPULATION_BLOCK:
+        return None
+    return [POPULATION_BLOCK] * (total // POPULATION_BLOCK) + ([total % POPULATION_BLOCK] if total % POPULATION_BLOCK
+                                                              else [])
+
+
+def split_state(state: State, blocks: Sequence[int] | None) -> State | list[State]:
+    """A coordinate-wise population state as the per-block states :func:`population_step` takes with ``blocks``
+    (views, no copy); the state itself where ``blocks`` is None."""
+    if blocks is None:
+        return state
+    parts = {key: v.split(list(blocks), dim=-1) for key, v in state.items()}
+    return [{key: parts[key][i] for key in state} for i in range(len(blocks))]
+
+
+def join_state(state: State | list[State]) -> State:
+    """The inverse of :func:`split_state`: one state (F, K*n) per key."""
+    if isinstance(state, dict):
+        return state
+    return {key: torch.cat([s[key] for s in state], dim=-1) for key in state[0]}
+
+
+def population_step(rule: Rule, grad: Tensor, state: State | list[State], step,
+                    blocks: Sequence[int] | None = None) -> tuple[Tensor, State | list[State]]:
     """``rule`` on a population's gradients (K, n) and state (:func:`stack_states`): the updates (K, n) and the
     new state.
 
-    A coordinate-wise rule runs once on the K*n coordinates. A rule with per-tensor and global state that
+    A coordinate-wise rule runs once on the K*n coordinates, or with ``blocks`` (:func:`population_blocks`) once
+    per block of coordinates on the per-block states of :func:`split_state`, returning per-block states. A rule with per-tensor and global state that
     exposes its stages (L2O-Scale: ``pre_sums``, ``prepare``, ``coord_stage``, ``tensor_stage``, as the optimizer
     runs them) runs its per-coordinate stage once on the K*n coordinates of the K*T tensors, and its tensor and
     global stage under ``vmap`` over the members, so each member's global statistics are its own. Any other rule
     runs under ``vmap`` over the members."""
+    if blocks is not None:
+        out = [rule(g, s, step) for g, s in zip(grad.reshape(-1).split(list(blocks)), state)]
+        return torch.cat([u for u, _ in out]).view_as(grad), [s for _, s in out]
     if rule.coordinatewise:
         update, state = rule(grad.reshape(-1), state, step)
         return update.view_as(grad), state
@@ -230,13 +268,14 @@ def population_meta_unroll(rule: Rule, task: Task, traj: Trajectory, unroll: int
     losses (steps, K) detached). The population's meta-loss is their mean; a member whose meta-loss is not
     finite has to leave the population before the mean is back-propagated (its NaNs reach the shared rule)."""
     theta = traj.theta.detach().requires_grad_(True)
-    state = traj.state
+    blocks = population_blocks(rule, theta)
+    state = split_state(traj.state, blocks)
     losses: list[Tensor] = []
     for t in range(unroll):
         loss, grad = task.population_loss_and_grad(theta, task.sample_batches(generators), keep_graph=True)
         losses.append(loss)
         step = traj.step + t + 1
-        update, state = population_step(rule, grad, state, step)
+        update, state = population_step(rule, grad, state, step, blocks)
         if step_override is not None:
             forced = step_override(step, theta, grad)
             if forced is not None:
@@ -252,7 +291,7 @@ def population_meta_unroll(rule: Rule, task: Task, traj: Trajectory, unroll: int
         raise ValueError(f"Unknown objective {objective!r}")
     values = torch.stack(losses).detach()
     f0 = traj.f0 if traj.f0 is not None else values[0]
-    return member_losses, Trajectory(theta.detach(), detach_state(state), traj.step + unroll, f0), values
+    return member_losses, Trajectory(theta.detach(), detach_state(join_state(state)), traj.step + unroll, f0), values
 
 
 @torch.no_grad()
@@ -261,7 +300,8 @@ def population_rollout(rule: Rule, task: Task, steps: int, generators: Sequence[
     """:func:`rollout` for ``len(generators)`` fresh optimizees at once; member k's losses are those of
     ``rollout(rule, task, steps, generators[k])`` (to float rounding), ending at its first NaN/Inf."""
     traj = start_population(rule, task, generators)[0]
-    theta, state = traj.theta, traj.state
+    theta, blocks = traj.theta, population_blocks(rule, traj.theta)
+    state = split_state(traj.state, blocks)
     recorded: list[Tensor] = []
     finite = torch.ones(theta.shape[0], dtype=torch.bool, device=theta.device)
     for step in range(1, steps + 1):
@@ -270,7 +310,7 @@ def population_rollout(rule: Rule, task: Task, steps: int, generators: Sequence[
         finite &= torch.isfinite(loss)
         if step % check_every == 0 and not bool(finite.any()):
             break  # every member has diverged: the rest would only be NaN
-        update, state = population_step(rule, grad, state, step)
+        update, state = population_step(rule, grad, state, step, blocks)
         theta = theta + update
     curves = []
     for column in torch.stack(recorded).T.tolist():

@@ -15,6 +15,7 @@ from meta_train import evaluate as ev
 from meta_train.imitation import Teacher, imitation_unroll, population_imitation_unroll
 from meta_train.tasks import Task
 from meta_train.trainer import Config, Trainer, member_seed, members_per_rank
+from meta_train import unroll
 from meta_train.unroll import (meta_unroll, population_meta_unroll, population_rollout, population_step, rollout,
                                select_members, start, start_population, start_scaled)
 
@@ -106,6 +107,32 @@ def test_population_rollout_matches_each_rollout(model, mlp):
     curves = population_rollout(rule, mlp, 12, gens(3))
     for k, g in enumerate(gens(3)):
         assert curves[k] == pytest.approx(rollout(rule, mlp, 12, g), rel=1e-4)
+
+
+@pytest.mark.parametrize("model", ["dm", "rnnprop"])
+def test_blocked_population_computes_what_one_call_computes(model, mlp, monkeypatch):
+    """On the CPU a coordinate-wise rule runs in blocks of coordinates (unaligned with the members here: 1000 of
+    3 x 1510): the unroll, its meta-gradient, the rollout and imitation are those of one call over all."""
+    rule, pop = rule_of(model), gens(3)
+    traj = start_population(rule, mlp, pop)[0]
+    _, traj, _ = population_meta_unroll(rule, mlp, traj, 2, pop)  # a state that is not all zeros
+
+    def everything(block):
+        monkeypatch.setattr(unroll, "POPULATION_BLOCK", block)
+        blocks = unroll.population_blocks(rule, traj.theta)
+        rule.zero_grad()
+        losses, nxt, values = population_meta_unroll(rule, mlp, traj, 3, gens(3))
+        losses.mean().backward()
+        imitation, along = population_imitation_unroll(rule, mlp, traj, Teacher("adam", traj.theta), 2, gens(3))
+        return (blocks, losses.detach(), nxt.theta, nxt.state, values, [p.grad.clone() for p in rule.parameters()],
+                imitation.detach(), along.state, population_rollout(rule, mlp, 5, gens(3)))
+
+    one, blocked = everything(10 ** 9), everything(1000)
+    assert one[0] is None and blocked[0] == [1000] * 4 + [530]
+    for a, b in zip(one[1:-1], blocked[1:-1]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(blocked[-1]), torch.tensor(one[-1]), rtol=1e-5, atol=0.0)
+    assert unroll.population_blocks(rule_of("scale"), traj.theta) is None  # per-tensor statistics: one call
 
 
 def test_population_rollout_ends_each_curve_at_its_first_nan(mlp):
