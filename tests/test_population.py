@@ -133,6 +133,7 @@ def test_blocked_population_computes_what_one_call_computes(model, mlp, monkeypa
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(torch.tensor(blocked[-1]), torch.tensor(one[-1]), rtol=1e-5, atol=0.0)
     assert unroll.population_blocks(rule_of("scale"), traj.theta) is None  # per-tensor statistics: one call
+    assert unroll.population_blocks(rule, torch.empty(64, 10 ** 5, device="meta")) is None  # not the CPU: one call
 
 
 def test_population_rollout_ends_each_curve_at_its_first_nan(mlp):
