@@ -20,6 +20,10 @@ CPU with a population above 1, the process keeps freed memory for reuse as ``met
     python benchmarks/meta_step.py --threads 1 --population 1,8 --out benchmarks/results/meta_step_population.json
     python benchmarks/meta_step.py --device cuda --population 1,8,64 --out benchmarks/results/meta_step_cuda.json
 
+``--models dm,dm+compile,...``: a ``+compile`` model (dm, rnnprop) runs its rule through ``torch.compile`` as
+``meta_train --compile`` does, timed in the same rounds as the eager one; its entry adds ``speedup_over_eager``
+(the eager model's time over its own, same K). Compilation happens in the untimed ``--warmup`` rounds.
+
 Prints the JSON (schema in benchmarks/README.md); ``--out`` also writes it.
 """
 from __future__ import annotations
@@ -45,10 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from learned_optim.rules import build_rule  # noqa: E402
 from meta_train.tasks import Task  # noqa: E402
 from meta_train.trainer import GRAD_CLIP_SCALE, MODEL_DEFAULTS, member_seed  # noqa: E402
-from meta_train.unroll import (Trajectory, keep_freed_memory, meta_unroll, population_blocks,  # noqa: E402
-                               population_meta_unroll, population_step, split_state, start, start_population)
+from meta_train.unroll import (CompiledRule, Trajectory, keep_freed_memory, meta_unroll,  # noqa: E402
+                               population_blocks, population_meta_unroll, population_step, split_state, start,
+                               start_population)
 
 MODELS = ("dm", "rnnprop", "scale")
+#: suffix of a model timed with its rule's forward through torch.compile (``meta_train --compile``)
+COMPILED = "+compile"
 
 
 def quantile(xs: list[float], q: float) -> float:
@@ -104,9 +111,12 @@ class Bench:
     def __init__(self, model: str, task: Task, args, device: torch.device, population: int = 1):
         torch.manual_seed(args.seed)
         self.model, self.task, self.args, self.population = model, task, args, population
-        self.rule = build_rule(model).to(device)
+        base = model.removesuffix(COMPILED)
+        self.rule = build_rule(base).to(device)
+        # what the unroll calls: the rule, or (a "+compile" model) its torch.compile'd forward, as meta_train --compile
+        self.step_rule = CompiledRule(self.rule) if model.endswith(COMPILED) else self.rule
         self.meta_opt = torch.optim.Adam(self.rule.parameters(), lr=args.meta_lr)
-        self.objective = MODEL_DEFAULTS[model]["objective"]
+        self.objective = MODEL_DEFAULTS[base]["objective"]
         self.gen = torch.Generator().manual_seed(args.seed)
         self.gens = [self.gen] + [torch.Generator().manual_seed(member_seed(args.seed, 0, j))
                                   for j in range(1, population)]
@@ -125,11 +135,11 @@ class Bench:
 
     def meta_truncation(self) -> None:
         if self.population == 1:
-            loss, traj, values = meta_unroll(self.rule, self.task, self.traj, self.args.unroll, self.gen,
+            loss, traj, values = meta_unroll(self.step_rule, self.task, self.traj, self.args.unroll, self.gen,
                                              objective=self.objective)
             finite = math.isfinite(values[-1])
         else:
-            member_losses, traj, values = population_meta_unroll(self.rule, self.task, self.traj, self.args.unroll,
+            member_losses, traj, values = population_meta_unroll(self.step_rule, self.task, self.traj, self.args.unroll,
                                                                  self.gens, objective=self.objective)
             loss = member_losses.mean()
             finite = bool(torch.isfinite(values[-1]).all())
@@ -164,10 +174,10 @@ class Bench:
         for i, b in enumerate(batches):
             if self.population == 1:
                 _, grad = self.task.loss_and_grad(theta, b)
-                update, state = self.rule(grad, state, self.traj.step + i + 1)
+                update, state = self.step_rule(grad, state, self.traj.step + i + 1)
             else:
                 _, grad = self.task.population_loss_and_grad(theta, b)
-                update, state = population_step(self.rule, grad, state, self.traj.step + i + 1, blocks)
+                update, state = population_step(self.step_rule, grad, state, self.traj.step + i + 1, blocks)
             theta = theta + update
 
 
@@ -194,8 +204,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
-        if m not in MODELS:
-            raise SystemExit(f"unknown model {m!r}; choose from {','.join(MODELS)}")
+        if m not in MODELS and m not in (f"{c}{COMPILED}" for c in ("dm", "rnnprop")):
+            raise SystemExit(f"unknown model {m!r}; choose from {','.join(MODELS)}, dm{COMPILED}, rnnprop{COMPILED}")
     if args.repeats < 1 or args.repeats_large < 1 or args.warmup < 0 or args.unroll < 1:
         raise SystemExit("--repeats, --repeats-large and --unroll must be >= 1, --warmup >= 0")
     try:
@@ -269,6 +279,10 @@ def main(argv=None) -> dict:
         if base is not None and populations[0] == 1:
             entry["cost_vs_population_1"] = meta["median_ms"] / base["meta_ms_per_step"]["median_ms"]
             entry["rollout_cost_vs_population_1"] = roll["median_ms"] / base["rollout_ms_per_step"]["median_ms"]
+        eager = by_population.get(str(k), {}).get(m.removesuffix(COMPILED))
+        if m.endswith(COMPILED) and eager is not None:  # the eager rule's time over the compiled one's, same run
+            entry["speedup_over_eager"] = eager["meta_ms_per_step"]["median_ms"] / meta["median_ms"]
+            entry["rollout_speedup_over_eager"] = eager["rollout_ms_per_step"]["median_ms"] / roll["median_ms"]
         by_population.setdefault(str(k), {})[m] = entry
     results = by_population[str(populations[0])]  # the smallest population, in the one-population schema
     env["load_avg_end"] = list(os.getloadavg())

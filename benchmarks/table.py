@@ -100,9 +100,11 @@ def _case(step: dict, size: str, shape: str) -> dict | None:
                  "optimizers" in c), None)
 
 
-def summary_table(step: dict, meta: dict | None, evaluate: dict | None, size: str = "1M") -> str:
+def summary_table(step: dict, meta: dict | None, evaluate: dict | None, size: str = "1M",
+                  compiled: dict | None = None) -> str:
     """The README's one speed table: step() at ``size`` parameters (one matrix, many tensors), the meta-training
-    step (one optimizee, a population of 8) and the batched evaluation, each next to its torch reference."""
+    step (one optimizee, a population of 8; eager, and the speed-up of ``--compile`` from ``compiled``, a
+    meta_step.json with ``+compile`` models) and the batched evaluation, each next to its torch reference."""
     models = [("dm", "L2ODM"), ("rnnprop", "RNNprop"), ("scale", "L2OScale")]
     env = step.get("env", {})
     lines = [f"CPU ({env.get('cpu_model', '?')}), {env.get('threads', '?')} thread, torch {env.get('torch', '?')}; "
@@ -132,6 +134,18 @@ def summary_table(step: dict, meta: dict | None, evaluate: dict | None, size: st
             cells = [f"{_ms(r[m]['meta_ms_per_step']['median_ms'] / int(k))} ms" if m in r else "–" for m, _ in models]
             lines.append(f"| meta-training with a population of {k}, per optimizee step | " + " | ".join(cells)
                          + " | the row above (one optimizee) |")
+    if compiled:
+        by_k = compiled.get("results_by_population", {})
+        ks = sorted(by_k, key=int)
+
+        def speedups(m: str) -> str:
+            got = [f"{by_k[k][m + '+compile']['speedup_over_eager']:.2f}×" for k in ks
+                   if "speedup_over_eager" in by_k[k].get(m + "+compile", {})]
+            return " / ".join(got) if got else "–"
+        if ks:
+            which = " / ".join("one optimizee" if k == "1" else f"population of {k}" for k in ks)
+            lines.append(f"| meta-training with `--compile` ({which}): speed-up per step | "
+                         + " | ".join(speedups(m) for m, _ in models) + " | the eager rule, same run |")
     if evaluate:
         rows = {r["optimizer"]: r for r in evaluate.get("results", []) if r.get("task") == "mlp-orig"}
         if rows:
@@ -160,14 +174,14 @@ def main(argv=None) -> int:
     ap.add_argument("--meta", type=Path, default=HERE / "results" / "meta_step.json")
     ap.add_argument("--readme", type=Path, default=None, help="replace the text between the bench markers")
     ap.add_argument("--summary", action="store_true",
-                    help="one compact table (the project README's) from step.json, meta_step_population.json and "
-                         "evaluate_speed.json instead of the detailed tables")
+                    help="one compact table (the project README's) from step.json, meta_step_population.json, "
+                         "meta_step_compile.json and evaluate_speed.json instead of the detailed tables")
     args = ap.parse_args(argv)
     if args.summary:
         results = HERE / "results"
         load = lambda name: json.loads((results / name).read_text()) if (results / name).exists() else None  # noqa
         body = summary_table(json.loads(args.step.read_text()), load("meta_step_population.json"),
-                             load("evaluate_speed.json"))
+                             load("evaluate_speed.json"), compiled=load("meta_step_compile.json"))
     else:
         body = render(args.step, args.meta)
     print(body)

@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "hf://org/repo[/file][@revision]) instead of a fresh initialisation, to fine-tune them; "
                          "they are validated first and stay the exported model until training beats them (with "
                          "--curriculum: the first stage's baseline)")
+    ap.add_argument("--compile", action="store_true",
+                    help="run the rule's forward and backward through torch.compile (dm, rnnprop): fused "
+                         "element-wise work, 1.1x faster per meta-step on one CPU core after 10-30 s of compilation "
+                         "(cached on disk for later runs); float rounding differs from the eager rule, so resume a "
+                         "run with the flag it ran with")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return ap
@@ -139,6 +144,8 @@ def main(argv=None) -> None:
 
         if not torch.cuda.is_available():
             ap.error(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
+    if args.compile and args.model == "scale":
+        ap.error("--compile supports --model dm and rnnprop (L2O-Scale's per-tensor statistics run eagerly)")
     if args.threads:
         import torch
 
@@ -151,7 +158,7 @@ def main(argv=None) -> None:
                  meta_lr=args.meta_lr, min_evals=args.min_evals, random_scale=args.random_scale,
                  fixed_validation=args.fixed_validation, valid_horizon=args.valid_horizon,
                  valid_examples=args.valid_examples,
-                 population=args.population, init=args.init,
+                 population=args.population, compile=args.compile, init=args.init,
                  progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
     try:
         path = main_train(cfg)

@@ -44,7 +44,7 @@ from .curriculum import ADVANCE, IMPROVED, STOP, Curriculum
 from .export import export_weights
 from .imitation import SelfImproving, Teacher, imitation_unroll, population_imitation_unroll
 from .tasks import Task
-from .unroll import (keep_freed_memory, meta_unroll, population_meta_unroll, population_rollout, rollout,
+from .unroll import (CompiledRule, keep_freed_memory, meta_unroll, population_meta_unroll, population_rollout, rollout,
                      select_members, start_population, start_scaled)
 
 # the paper's defaults per model (its training scripts and README)
@@ -132,6 +132,7 @@ class Config:
     valid_horizon: int | None = None
     valid_examples: int | None = None
     population: int = 1
+    compile: bool = False
     init: str | None = None
     overwrite: bool = False
     progress: bool = True
@@ -211,6 +212,8 @@ class Trainer:
                          "recipe": recipe_summary(read_metadata(path)["recipe"])}
         else:
             self.rule = build_rule(cfg.model, rule_config).to(self.device)
+        # what the unrolls call: the rule itself, or its compiled forward (same parameters)
+        self.step_rule = CompiledRule(self.rule) if cfg.compile else self.rule
         self.task = Task(cfg.task, train=True, data_root=cfg.data_root, device=self.device)
         self.valid_task = self._valid_task()
         self.meta_opt = _make_meta_optimizer(self.r["meta_optimizer"], self.rule.parameters(), self.r["meta_lr"])
@@ -311,10 +314,10 @@ class Trainer:
         teacher, override = self._epoch_guides(traj.theta, imitation)
         for _ in range(math.ceil(horizon / unroll)):
             if imitation:
-                loss, traj = imitation_unroll(self.rule, task, traj, teacher, unroll, self.gen)
+                loss, traj = imitation_unroll(self.step_rule, task, traj, teacher, unroll, self.gen)
                 self._meta_step(self.il_opt, loss)
             else:
-                loss, traj, values = meta_unroll(self.rule, task, traj, unroll, self.gen,
+                loss, traj, values = meta_unroll(self.step_rule, task, traj, unroll, self.gen,
                                                  objective=self.r["objective"], step_override=override)
                 losses.extend(values)
                 # a diverged optimizee (on any rank: the ranks' meta-steps all-reduce together) ends the
@@ -358,11 +361,11 @@ class Trainer:
         teacher, override = self._epoch_guides(traj.theta, imitation)
         for _ in range(math.ceil(horizon / unroll)):
             if imitation:
-                loss, traj = population_imitation_unroll(self.rule, task, traj, teacher, unroll, gens)
+                loss, traj = population_imitation_unroll(self.step_rule, task, traj, teacher, unroll, gens)
                 self._meta_step(self.il_opt, loss)
                 meta_losses.append(float(loss.detach()))
                 continue
-            member_losses, traj, values = population_meta_unroll(self.rule, task, traj, unroll, gens,
+            member_losses, traj, values = population_meta_unroll(self.step_rule, task, traj, unroll, gens,
                                                                  objective=self.r["objective"],
                                                                  step_override=override)
             finite_values = values[torch.isfinite(values)]
@@ -406,9 +409,9 @@ class Trainer:
         draw = 0 if self.cfg.fixed_validation else self.num_evals
         gens = [torch.Generator().manual_seed(10_000_019 * (self.cfg.seed + 1) + 7919 * draw + i) for i in mine]
         if self.cfg.population > 1:  # the rank's validation optimizees as one population
-            curves = population_rollout(self.rule, self.valid_task, horizon, gens) if gens else []
+            curves = population_rollout(self.step_rule, self.valid_task, horizon, gens) if gens else []
         else:
-            curves = (rollout(self.rule, self.valid_task, horizon, gen) for gen in gens)
+            curves = (rollout(self.step_rule, self.valid_task, horizon, gen) for gen in gens)
         for losses in curves:
             tail = losses[-10:]
             finals.append(sum(tail) / len(tail) if len(losses) == horizon and all(map(math.isfinite, tail))
@@ -457,7 +460,7 @@ class Trainer:
         if ckpt["world_size"] != self.world:
             raise RunError(f"{self.ckpt_path} was written by {ckpt['world_size']} process(es); resume with the same "
                                f"number (now {self.world})")
-        not_recipe = ("epochs", "resume", "overwrite", "progress", "device", "data_root", "out")
+        not_recipe = ("epochs", "resume", "overwrite", "progress", "device", "data_root", "out", "compile")
         saved = {k: v for k, v in ckpt["config"].items() if k not in not_recipe}
         saved.setdefault("population", 1)  # a checkpoint written before populations: one optimizee
         saved.setdefault("fixed_validation", False)  # written before the option: fresh optimizees

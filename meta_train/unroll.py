@@ -128,6 +128,30 @@ def rollout(rule: Rule, task: Task, steps: int, generator: torch.Generator) -> l
     return losses
 
 
+# ------------------------------------------------------------------------------------------------ compiled
+class CompiledRule:
+    """``rule`` with its forward compiled by ``torch.compile`` (``meta_train --compile``): the unroll functions take
+    it in place of the rule. Its parameters, state layout and every other attribute are the rule's own (the
+    compiled code reads the module's tensors: no copy of the weights); only ``rule(grad, state, step)`` runs the
+    compiled graph, forward and backward, with ``step`` passed as a 0-d tensor so that a new step number does not
+    compile again. Different float rounding than the eager rule: a run resumes bit-identical with the same flag.
+    Coordinate-wise rules only (L2O-Scale's per-tensor statistics take host-side decisions)."""
+
+    def __init__(self, rule: Rule, backend: str = "inductor"):
+        if not rule.coordinatewise:
+            raise ValueError(f"--compile supports the coordinate-wise rules (dm, rnnprop), not {rule.name!r}")
+        self.rule, self.backend = rule, backend
+        self._forward = torch.compile(rule, backend=backend, dynamic=None)
+
+    def __call__(self, grad: Tensor, state: State, step) -> tuple[Tensor, State]:
+        if not isinstance(step, Tensor):
+            step = torch.tensor(float(step), dtype=grad.dtype, device=grad.device)
+        return self._forward(grad, state, step)
+
+    def __getattr__(self, name: str):
+        return getattr(self.rule, name)
+
+
 # ---------------------------------------------------------------------------------------------- populations
 def keep_freed_memory() -> bool:
     """Ask the C library's allocator (glibc) to keep freed memory for reuse rather than return it to the system.

@@ -6,7 +6,8 @@
 # evaluation against one seed at a time. Everything lands in one folder (default
 # benchmarks/results/gpu): a log per stage, the JSON of each benchmark, junit XML of the tests and
 # summary.json (the bar: DM/RNNprop step within 2x the bandwidth floor at 10M and 3x at 1M, many tensors
-# within 1.5x one matrix). Each stage has a time cap so that the whole run stays under 8 minutes on an H200.
+# within 1.5x one matrix). Each stage has a time cap so that the whole run stays under 8 minutes on an H200;
+# META_COMPILE=1 adds up to 2 minutes: the meta-step with the rule through torch.compile (meta_train --compile).
 #
 #     bash scripts/gpu_check.sh [OUT_DIR]
 #
@@ -86,6 +87,10 @@ stage sweep-10M 30 python benchmarks/step.py --device cuda --models dm,rnnprop -
     --out "$OUT/sweep_10M.json"
 stage meta-step 60 python benchmarks/meta_step.py --device cuda --population 1,8,64 --repeats 10 \
     --out "$OUT/meta_step.json"
+if [ "${META_COMPILE:-0}" = 1 ]; then  # opt-in (about a minute of compilation): meta_train --compile on the GPU
+    stage meta-step-compile 120 python benchmarks/meta_step.py --device cuda --population 1,64 --repeats 5 \
+        --models dm,dm+compile,rnnprop,rnnprop+compile --out "$OUT/meta_step_compile.json"
+fi
 stage evaluate-speed 40 python benchmarks/evaluate_speed.py --device cuda --optimizers adam,dm,rnnprop --steps 1000 \
     --out "$OUT/evaluate_speed.json"
 
