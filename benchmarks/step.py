@@ -478,7 +478,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--backends", default="auto",
-                    help="comma list of auto,torch,triton: L2O-DM and RNNprop once per backend (default auto)")
+                    help="comma list of auto,torch,triton,compile: L2O-DM and RNNprop once per backend (default "
+                         "auto; compile: torch.compile of the rule, compiled in the warm-up steps)")
     ap.add_argument("--torch-max-size", default=None,
                     help="largest size at which the torch backend of L2O-DM / RNNprop is timed (e.g. 10M)")
     ap.add_argument("--triton-configs", default="",
@@ -503,8 +504,8 @@ def main(argv=None) -> dict:
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.triton_configs = [c.strip() for c in args.triton_configs.split(",") if c.strip()]
     for b in args.backends:
-        if b not in ("auto", "torch", "triton"):
-            raise SystemExit(f"unknown backend {b!r}; choose from auto,torch,triton")
+        if b not in ("auto", "torch", "triton", "compile"):
+            raise SystemExit(f"unknown backend {b!r}; choose from auto,torch,triton,compile")
     if args.torch_max_size is not None and args.torch_max_size not in SIZES:
         raise SystemExit(f"unknown --torch-max-size {args.torch_max_size!r}")
     for m in args.models:

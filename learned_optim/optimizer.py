@@ -19,7 +19,9 @@ then its per-tensor and global RNNs on the sums, then each tensor's normalised u
 
 On CUDA tensors L2O-DM and RNNprop take a fused Triton kernel instead (one launch per param group,
 ``backend="auto"``; ``"torch"`` / ``"triton"`` force either path): same updates, same state layout,
-so state dicts move between the two (``learned_optim.kernels``).
+so state dicts move between the two (``learned_optim.kernels``). ``backend="compile"`` runs the same chunks
+through ``torch.compile`` of the rule (its own module, so its own tensors): generated code with the element-wise
+work fused, on the CPU too, after a compilation at the first steps; same state layout again.
 
 Distributed: under DDP every rank steps identically (same gradients after the all-reduce). FSDP2
 parameters (DTensors) are stepped on each rank's local shard, with the state of its own coordinates;
@@ -48,6 +50,8 @@ from .rules import Rule
 from .weights import load_rule, resolve_weights
 
 _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+#: torch.compile backend of ``backend="compile"`` (inductor: C++ on the CPU, Triton on a GPU)
+COMPILE_BACKEND = "inductor"
 
 
 def _real_view(t: Tensor) -> Tensor:
@@ -88,7 +92,8 @@ class LearnedOptimizer(Optimizer):
         state_dtype: dtype of the recurrent state (float32 default; bfloat16 halves its memory).
         nonfinite: ``"skip"`` (skip tensors whose gradient is NaN/Inf, warn) or ``"raise"``.
         backend: ``"auto"`` (a fused Triton kernel for L2O-DM / RNNprop on CUDA tensors when Triton
-            imports, the torch path otherwise), ``"torch"`` or ``"triton"`` (see ``learned_optim.kernels``).
+            imports, the torch path otherwise), ``"torch"`` or ``"triton"`` (see ``learned_optim.kernels``), or
+            ``"compile"`` (L2O-DM / RNNprop: the torch path's chunks through ``torch.compile`` of the rule).
         revision, cache_dir, local_files_only, endpoint, token: passed to the hub download.
     """
 
@@ -149,6 +154,7 @@ class LearnedOptimizer(Optimizer):
         kernels.check_backend(backend, rule, [p for group in self.param_groups for p in group["params"]])
         self.backend = backend
         self._kernel_cache: dict = {}
+        self._compiled: dict = {}
         self.rule = rule  # run under no_grad; the caller's module is not modified (it may be in training)
         self.weights = None if weights is None else str(weights)
         self.chunk_size = chunk_size
@@ -175,7 +181,8 @@ class LearnedOptimizer(Optimizer):
         for group in self.param_groups:
             group.setdefault("maximize", False)
         defaults = {"weights": None, "chunk_size": 8192, "state_dtype": torch.float32, "nonfinite": "skip",
-                    "_rule_copies": {}, "_pending_state": None, "backend": "auto", "_kernel_cache": {}}
+                    "_rule_copies": {}, "_pending_state": None, "backend": "auto", "_kernel_cache": {},
+                    "_compiled": {}}
         for key, value in defaults.items():
             self.__dict__.setdefault(key, value)
         hooks = self._optimizer_load_state_dict_pre_hooks.values()
@@ -201,6 +208,13 @@ class LearnedOptimizer(Optimizer):
         if rule is None:
             rule = self._rule_copies[device] = copy.deepcopy(self.rule).to(device)
         return rule
+
+    def _compiled_rule(self, rule: Rule) -> Callable:
+        """``torch.compile`` of ``rule`` (backend="compile"), one per rule object (the rule and its device copies)."""
+        compiled = self._compiled.get(id(rule))
+        if compiled is None or compiled[0] is not rule:
+            compiled = self._compiled[id(rule)] = (rule, torch.compile(rule, backend=COMPILE_BACKEND, dynamic=None))
+        return compiled[1]
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -284,6 +298,8 @@ class LearnedOptimizer(Optimizer):
         lr, sign = group["lr"], (-1.0 if group["maximize"] else 1.0)
         rule = self._rule_on(params[0].device)
         keys = [k for k, kind in rule.state_kinds().items() if kind == "coord"]
+        if self.backend == "compile":
+            rule = self._compiled_rule(rule)
         for p in params:
             self.state[p]["step"] += 1
         flats = {p: self._flat_pair(p) for p in params}

@@ -136,3 +136,76 @@ def test_inductor_compiled_unroll_matches_the_eager_rule(model, mlp, monkeypatch
     torch.testing.assert_close(losses, eager_losses, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads_of(rule, losses.mean()), grads_of(rule, eager_losses.mean()), rtol=1e-4,
                                atol=1e-7)
+
+
+# ------------------------------------------------------------------------------ the optimizer's backend="compile"
+def optimizer_pair(cls, name: str, shapes, **kwargs):
+    torch.manual_seed(1)
+    params = [torch.randn(*s) for s in shapes]
+    made = []
+    for backend in ("torch", "compile"):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        made.append((ps, cls(ps, rule=rule_of(name), backend=backend, **kwargs)))
+    return made
+
+
+def step_both(pairs, steps: int, seed: int = 2) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        grads = [torch.randn(p.shape, generator=gen) * 1e-2 for p in pairs[0][0]]
+        for ps, opt in pairs:
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+
+
+@pytest.mark.parametrize("cls,name", [(learned_optim.L2ODM, "dm"), (learned_optim.RNNprop, "rnnprop")])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_compile_backend_steps_like_the_torch_backend(cls, name, state_dtype, monkeypatch):
+    """Odd sizes, several tensors packed into chunks and tensors cut across chunks (chunk_size 64), bf16 state; the
+    state layout is the torch path's, so a state_dict moves between the two backends."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(learned_optim.optimizer, "COMPILE_BACKEND", "aot_eager")
+    shapes = [(37, 11), (5,), (300,), (1,)]
+    pairs = optimizer_pair(cls, name, shapes, chunk_size=64, state_dtype=state_dtype)
+    step_both(pairs, 12)
+    (ref, ref_opt), (got, opt) = pairs
+    tol = dict(rtol=1e-5, atol=1e-7) if state_dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, **tol)
+    for a, b in zip(ref, got):
+        for key, value in ref_opt.state[a].items():
+            assert opt.state[b][key].dtype == value.dtype and opt.state[b][key].shape == value.shape
+    # the compile backend's state resumes on the torch backend and the other way round
+    swapped = [(got, cls(got, rule=rule_of(name), backend="torch", chunk_size=64, state_dtype=state_dtype)),
+               (ref, cls(ref, rule=rule_of(name), backend="compile", chunk_size=64, state_dtype=state_dtype))]
+    swapped[0][1].load_state_dict(opt.state_dict())
+    swapped[1][1].load_state_dict(ref_opt.state_dict())
+    step_both(swapped, 3, seed=3)
+    for a, b in zip(swapped[1][0], swapped[0][0]):
+        torch.testing.assert_close(b, a, **tol)
+
+
+def test_compile_backend_is_checked_and_survives_a_deepcopy(monkeypatch):
+    import copy
+
+    monkeypatch.setattr(learned_optim.optimizer, "COMPILE_BACKEND", "aot_eager")
+    with pytest.raises(ValueError, match="coordinate-wise"):
+        learned_optim.L2OScale([torch.nn.Parameter(torch.zeros(3))], rule=rule_of("scale"), backend="compile")
+    p = torch.nn.Parameter(torch.ones(10))
+    opt = learned_optim.RNNprop([p], rule=rule_of("rnnprop"), backend="compile")
+    p.grad = torch.full_like(p, 0.1)
+    opt.step()
+    twin = copy.deepcopy(opt)
+    assert twin.backend == "compile" and twin._compiled == {}
+    twin.step()  # compiles its own copy of the rule
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls,name", [(learned_optim.L2ODM, "dm"), (learned_optim.RNNprop, "rnnprop")])
+def test_inductor_compile_backend_steps_like_the_torch_backend(cls, name):
+    torch._dynamo.reset()
+    pairs = optimizer_pair(cls, name, [(37, 11), (5,), (300,), (1,)], chunk_size=64)
+    step_both(pairs, 100)
+    for a, b in zip(pairs[0][0], pairs[1][0]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -52,7 +52,9 @@ Dispatch (``backend=`` of ``LearnedOptimizer``): ``"auto"`` uses the kernel for 
 importable and the torch path otherwise; ``"torch"`` always the torch path; ``"triton"`` always the kernel
 (on CPU tensors only under Triton's interpreter, ``TRITON_INTERPRET=1`` set before Triton is imported; the
 interpreter cannot follow the table's device pointers, so it runs CPU tensors only). L2O-Scale (not
-coordinate-wise) always takes the torch path. Tensors the kernel cannot take in place (tensor subclasses
+coordinate-wise) always takes the torch path. ``"compile"`` is the torch path with the rule module under
+``torch.compile`` (``learned_optim.optimizer.COMPILE_BACKEND``, inductor: generated C++ on the CPU, Triton on a
+GPU), for L2O-DM and RNNprop on any device; it compiles at the first steps. Tensors the kernel cannot take in place (tensor subclasses
 such as DTensor, float64, state that is not a contiguous tensor on the parameter's device) are stepped on
 the torch path in the same ``step()``; parameters with gaps (e.g. a strided slice) go through one update
 buffer, as on the torch path. The state layout is the torch path's, so state dicts move freely between
@@ -66,7 +68,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "compile")
 _INTERPRET_ON = ("1", "true", "yes", "on")
 
 
@@ -111,7 +113,10 @@ def _has_kernel(rule) -> bool:
 def check_backend(backend: str, rule, params) -> None:
     """Validate ``backend=`` when the optimizer is built (clear ValueErrors for impossible requests)."""
     if backend not in BACKENDS:
-        raise ValueError(f"Invalid backend: {backend!r} (use 'auto', 'torch' or 'triton')")
+        raise ValueError(f"Invalid backend: {backend!r} (use 'auto', 'torch', 'triton' or 'compile')")
+    if backend == "compile" and not rule.coordinatewise:
+        raise ValueError(f"backend='compile' compiles the coordinate-wise rules (L2O-DM, RNNprop), not {rule.name!r}; "
+                         "use backend='auto' or 'torch'")
     if backend != "triton":
         return
     if not _has_kernel(rule):
@@ -132,7 +137,7 @@ def check_backend(backend: str, rule, params) -> None:
 
 def use_kernel(backend: str, rule, device: torch.device) -> bool:
     """Whether a param group on ``device`` takes the fused kernel (raises RuntimeError when forced and impossible)."""
-    if backend == "torch" or not rule.coordinatewise:
+    if backend in ("torch", "compile") or not rule.coordinatewise:
         return False
     if backend == "auto":
         if device.type != "cuda" or not _has_kernel(rule) or not triton_available() or interpreter_enabled():
