@@ -302,6 +302,21 @@ class LearnedOptimizer(Optimizer):
             rule = self._compiled_rule(rule)
         for p in params:
             self.state[p]["step"] += 1
+        self._chunks_done = 0
+        try:
+            self._step_chunks(rule, params, keys, lr, sign)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. no C++ compiler for inductor's CPU code
+            if self._chunks_done == 0:  # it failed before writing anything: the step is undone
+                for p in params:
+                    self.state[p]["step"] -= 1
+            done = ("nothing was updated" if self._chunks_done == 0 else
+                    f"this step was applied to {self._chunks_done} chunk(s) of the group only")
+            inner = getattr(exc, "inner_exception", None) or exc
+            raise RuntimeError(f"{type(self).__name__}(backend='compile'): torch.compile failed "
+                               f"({type(inner).__name__}: {str(inner).strip().splitlines()[0][:200]}); {done}. "
+                               "Use backend='torch' (or 'auto')") from exc
+
+    def _step_chunks(self, rule, params: list[Tensor], keys: list[str], lr: float, sign: float) -> None:
         flats = {p: self._flat_pair(p) for p in params}
         # plan: pieces (param, start, length) packed into chunks of <= chunk_size coordinates
         chunk: list[tuple[Tensor, int, int]] = []
@@ -346,6 +361,7 @@ class LearnedOptimizer(Optimizer):
                 self.state[p][k][..., s: s + n].copy_(new_state[k][..., rows])
             flats[p][1][s: s + n].add_(update[rows].to(flats[p][1].dtype), alpha=lr)
             offset += n
+        self._chunks_done += 1
 
     def _drop_nonfinite(self, params: list[Tensor]) -> list[Tensor]:
         """Apply the NaN/Inf policy: one reduction per tensor, one host sync per group."""

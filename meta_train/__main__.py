@@ -15,6 +15,7 @@ from learned_optim import WeightsError
 
 from .cli import ArgumentParser, fail
 from .trainer import MODEL_DEFAULTS, Config, RunError, main_train
+from .unroll import CompileError
 
 
 def _ints(text: str) -> list[int]:
@@ -162,7 +163,7 @@ def main(argv=None) -> None:
                  progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
     try:
         path = main_train(cfg)
-    except (RunError, WeightsError, FileNotFoundError) as exc:
+    except (RunError, WeightsError, FileNotFoundError, CompileError) as exc:
         fail(f"python -m meta_train: error: {exc}")
     if int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 reports
         print(path, file=sys.stderr)

@@ -129,6 +129,10 @@ def rollout(rule: Rule, task: Task, steps: int, generator: torch.Generator) -> l
 
 
 # ------------------------------------------------------------------------------------------------ compiled
+class CompileError(RuntimeError):
+    """torch.compile could not compile the rule (``--compile``)."""
+
+
 class CompiledRule:
     """``rule`` with its forward compiled by ``torch.compile`` (``meta_train --compile``): the unroll functions take
     it in place of the rule. Its parameters, state layout and every other attribute are the rule's own (the
@@ -146,7 +150,12 @@ class CompiledRule:
     def __call__(self, grad: Tensor, state: State, step) -> tuple[Tensor, State]:
         if not isinstance(step, Tensor):
             step = torch.tensor(float(step), dtype=grad.dtype, device=grad.device)
-        return self._forward(grad, state, step)
+        try:
+            return self._forward(grad, state, step)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. no C++ compiler for inductor's CPU code
+            inner = getattr(exc, "inner_exception", None) or exc
+            raise CompileError(f"--compile: torch.compile of the {self.rule.name!r} rule failed ({type(inner).__name__}: "
+                               f"{str(inner).strip().splitlines()[0][:200]}); run without --compile") from exc
 
     def __getattr__(self, name: str):
         return getattr(self.rule, name)

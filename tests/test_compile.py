@@ -209,3 +209,28 @@ def test_inductor_compile_backend_steps_like_the_torch_backend(cls, name):
     step_both(pairs, 100)
     for a, b in zip(pairs[0][0], pairs[1][0]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def failing_backend(gm, example_inputs):
+    raise RuntimeError("no C++ compiler found")
+
+
+def test_a_failed_compilation_is_one_clear_error_and_changes_nothing(tmp_path, small_root, monkeypatch,  # noqa: F811
+                                                                     capsys):
+    torch._dynamo.reset()
+    monkeypatch.setattr(learned_optim.optimizer, "COMPILE_BACKEND", failing_backend)
+    p = torch.nn.Parameter(torch.ones(10))
+    opt = learned_optim.L2ODM([p], rule=rule_of("dm"), backend="compile")
+    p.grad = torch.full_like(p, 0.1)
+    with pytest.raises(RuntimeError, match=r"torch.compile failed \(RuntimeError: no C\+\+ compiler found\); nothing "
+                                           r"was updated. Use backend='torch'"):
+        opt.step()
+    assert torch.equal(p, torch.ones(10)) and int(opt.state[p]["step"]) == 0
+    opt.backend = "torch"
+    opt.step()  # the same optimizer steps on the torch path from where it was
+    assert int(opt.state[p]["step"]) == 1 and not torch.equal(p, torch.ones(10))
+    monkeypatch.setattr(trainer_module, "CompiledRule", functools.partial(CompiledRule, backend=failing_backend))
+    code = run_main(["--model", "dm", "--compile", "--horizons", "20", "--epochs", "1", "--no-progress",
+                     "--out", str(tmp_path / "run")], small_root)
+    err = capsys.readouterr().err
+    assert code != 0 and "--compile: torch.compile of the 'dm' rule failed" in err and "Traceback" not in err
