@@ -44,8 +44,8 @@ from .curriculum import ADVANCE, IMPROVED, STOP, Curriculum
 from .export import export_weights
 from .imitation import SelfImproving, Teacher, imitation_unroll, population_imitation_unroll
 from .tasks import Task
-from .unroll import (CompiledRule, keep_freed_memory, meta_unroll, population_meta_unroll, population_rollout, rollout,
-                     select_members, start_population, start_scaled)
+from .unroll import (CompiledRule, keep_freed_memory, meta_unroll, population_meta_unroll, population_rollout,
+                     rollout, select_members, start_population, start_scaled)
 
 # the paper's defaults per model (its training scripts and README)
 MODEL_DEFAULTS = {

@@ -139,7 +139,7 @@ class CompiledRule:
     compiled code reads the module's tensors: no copy of the weights); only ``rule(grad, state, step)`` runs the
     compiled graph, forward and backward, with ``step`` passed as a 0-d tensor so that a new step number does not
     compile again. Different float rounding than the eager rule: a run resumes bit-identical with the same flag.
-    Coordinate-wise rules only (L2O-Scale's per-tensor statistics take host-side decisions)."""
+    Coordinate-wise rules only (L2O-Scale runs its stages eagerly)."""
 
     def __init__(self, rule: Rule, backend: str = "inductor"):
         if not rule.coordinatewise:
@@ -154,8 +154,9 @@ class CompiledRule:
             return self._forward(grad, state, step)
         except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. no C++ compiler for inductor's CPU code
             inner = getattr(exc, "inner_exception", None) or exc
-            raise CompileError(f"--compile: torch.compile of the {self.rule.name!r} rule failed ({type(inner).__name__}: "
-                               f"{str(inner).strip().splitlines()[0][:200]}); run without --compile") from exc
+            raise CompileError(f"--compile: torch.compile of the {self.rule.name!r} rule failed "
+                               f"({type(inner).__name__}: {str(inner).strip().splitlines()[0][:200]}); run without "
+                               "--compile") from exc
 
     def __getattr__(self, name: str):
         return getattr(self.rule, name)
@@ -215,11 +216,10 @@ POPULATION_BLOCK = 8192
 def population_blocks(rule: Rule, theta: Tensor) -> list[int] | None:
     """How a population ``theta`` (K, n) runs ``rule``: the sizes of the coordinate blocks of the flat K*n
     coordinates, one rule call each (a coordinate-wise rule on the CPU, more than one block), or None (one call)."""
-    total = theta.numel()
-    if not rule.coordinatewise or theta.device.type != "cpu" or total <= POPULATION_BLOCK:
+    if not rule.coordinatewise or theta.device.type != "cpu" or theta.numel() <= POPULATION_BLOCK:
         return None
-    return [POPULATION_BLOCK] * (total // POPULATION_BLOCK) + ([total % POPULATION_BLOCK] if total % POPULATION_BLOCK
-                                                              else [])
+    full, rest = divmod(theta.numel(), POPULATION_BLOCK)
+    return [POPULATION_BLOCK] * full + ([rest] if rest else [])
 
 
 def split_state(state: State, blocks: Sequence[int] | None) -> State | list[State]:
@@ -244,11 +244,11 @@ def population_step(rule: Rule, grad: Tensor, state: State | list[State], step,
     new state.
 
     A coordinate-wise rule runs once on the K*n coordinates, or with ``blocks`` (:func:`population_blocks`) once
-    per block of coordinates on the per-block states of :func:`split_state`, returning per-block states. A rule with per-tensor and global state that
-    exposes its stages (L2O-Scale: ``pre_sums``, ``prepare``, ``coord_stage``, ``tensor_stage``, as the optimizer
-    runs them) runs its per-coordinate stage once on the K*n coordinates of the K*T tensors, and its tensor and
-    global stage under ``vmap`` over the members, so each member's global statistics are its own. Any other rule
-    runs under ``vmap`` over the members."""
+    per block of coordinates on the per-block states of :func:`split_state`, returning per-block states. A rule
+    with per-tensor and global state that exposes its stages (L2O-Scale: ``pre_sums``, ``prepare``,
+    ``coord_stage``, ``tensor_stage``, as the optimizer runs them) runs its per-coordinate stage once on the K*n
+    coordinates of the K*T tensors, and its tensor and global stage under ``vmap`` over the members, so each
+    member's global statistics are its own. Any other rule runs under ``vmap`` over the members."""
     if blocks is not None:
         out = [rule(g, s, step) for g, s in zip(grad.reshape(-1).split(list(blocks)), state)]
         return torch.cat([u for u, _ in out]).view_as(grad), [s for _, s in out]

@@ -54,11 +54,11 @@ importable and the torch path otherwise; ``"torch"`` always the torch path; ``"t
 interpreter cannot follow the table's device pointers, so it runs CPU tensors only). L2O-Scale (not
 coordinate-wise) always takes the torch path. ``"compile"`` is the torch path with the rule module under
 ``torch.compile`` (``learned_optim.optimizer.COMPILE_BACKEND``, inductor: generated C++ on the CPU, Triton on a
-GPU), for L2O-DM and RNNprop on any device; it compiles at the first steps. Tensors the kernel cannot take in place (tensor subclasses
-such as DTensor, float64, state that is not a contiguous tensor on the parameter's device) are stepped on
-the torch path in the same ``step()``; parameters with gaps (e.g. a strided slice) go through one update
-buffer, as on the torch path. The state layout is the torch path's, so state dicts move freely between
-backends.
+GPU), for L2O-DM and RNNprop on any device; it compiles at the first steps. Tensors the kernel cannot take in
+place (tensor subclasses such as DTensor, float64, state that is not a contiguous tensor on the parameter's
+device) are stepped on the torch path in the same ``step()``; parameters with gaps (e.g. a strided slice) go
+through one update buffer, as on the torch path. The state layout is the torch path's, so state dicts move
+freely between backends.
 """
 from __future__ import annotations
 
@@ -115,8 +115,8 @@ def check_backend(backend: str, rule, params) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"Invalid backend: {backend!r} (use 'auto', 'torch', 'triton' or 'compile')")
     if backend == "compile" and not rule.coordinatewise:
-        raise ValueError(f"backend='compile' compiles the coordinate-wise rules (L2O-DM, RNNprop), not {rule.name!r}; "
-                         "use backend='auto' or 'torch'")
+        raise ValueError(f"backend='compile' compiles the coordinate-wise rules (L2O-DM, RNNprop), not "
+                         f"{rule.name!r}; use backend='auto' or 'torch'")
     if backend != "triton":
         return
     if not _has_kernel(rule):
