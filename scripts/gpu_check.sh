@@ -7,7 +7,8 @@
 # benchmarks/results/gpu): a log per stage, the JSON of each benchmark, junit XML of the tests and
 # summary.json (the bar: DM/RNNprop step within 2x the bandwidth floor at 10M and 3x at 1M, many tensors
 # within 1.5x one matrix). Each stage has a time cap so that the whole run stays under 8 minutes on an H200;
-# META_COMPILE=1 adds up to 2 minutes: the meta-step with the rule through torch.compile (meta_train --compile).
+# META_COMPILE=1 adds up to 4 minutes: the meta-step's time and memory with the rule through torch.compile
+# (meta_train --compile) beside the eager rule.
 #
 #     bash scripts/gpu_check.sh [OUT_DIR]
 #
@@ -90,6 +91,8 @@ stage meta-step 60 python benchmarks/meta_step.py --device cuda --population 1,8
 if [ "${META_COMPILE:-0}" = 1 ]; then  # opt-in (about a minute of compilation): meta_train --compile on the GPU
     stage meta-step-compile 120 python benchmarks/meta_step.py --device cuda --population 1,64 --repeats 5 \
         --models dm,dm+compile,rnnprop,rnnprop+compile --out "$OUT/meta_step_compile.json"
+    stage meta-memory 120 python benchmarks/meta_memory.py --device cuda --population 64 --truncations 1 \
+        --out "$OUT/meta_memory.json"
 fi
 stage evaluate-speed 40 python benchmarks/evaluate_speed.py --device cuda --optimizers adam,dm,rnnprop --steps 1000 \
     --out "$OUT/evaluate_speed.json"
