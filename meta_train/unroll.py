@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from learned_optim.rules import Rule, State
+from learned_optim.rules.base import as_step
 
 from .tasks import Task
 
@@ -148,8 +149,7 @@ class CompiledRule:
         self._forward = torch.compile(rule, backend=backend, dynamic=None)
 
     def __call__(self, grad: Tensor, state: State, step) -> tuple[Tensor, State]:
-        if not isinstance(step, Tensor):
-            step = torch.tensor(float(step), dtype=grad.dtype, device=grad.device)
+        step = as_step(step, grad)
         try:
             return self._forward(grad, state, step)
         except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. no C++ compiler for inductor's CPU code

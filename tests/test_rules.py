@@ -171,3 +171,19 @@ def test_build_rule_errors():
     for name in RULES:  # config round trip
         rule = build_rule(name)
         assert build_rule(name, rule.config()).config() == rule.config()
+
+
+def test_a_step_number_becomes_a_tensor_on_the_gradients_device_bit_for_bit():
+    from learned_optim.rules.base import as_step
+
+    like = torch.zeros(3, dtype=torch.float32)
+    got = as_step(9999, like)
+    assert got.shape == () and got.dtype == torch.float32 and float(got) == 9999.0
+    assert torch.equal(as_step(torch.tensor([1, 2]), like), torch.tensor([1.0, 2.0]))
+    for name in ("rnnprop", "scale"):  # an int step and the same step as a tensor (the optimizer's) agree exactly
+        torch.manual_seed(0)
+        rule = build_rule(name)
+        state, grad = rule.init_state([(50,), (7, 3)]), torch.randn(71)
+        for step in (1, 2, 9999):
+            (u1, s1), (u2, s2) = rule(grad, state, step), rule(grad, state, torch.tensor(step))
+            assert torch.equal(u1, u2) and all(torch.equal(s1[k], s2[k]) for k in s1)

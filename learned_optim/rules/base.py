@@ -67,6 +67,15 @@ class Rule(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self.config().items())
 
 
+def as_step(step, like: Tensor) -> Tensor:
+    """``step`` (an int or a tensor) as a tensor of ``like``'s dtype on its device. A Python number is filled in
+    on the device (``torch.full``) rather than copied from the host, which on CUDA would wait for the stream at
+    every step of an unroll."""
+    if isinstance(step, Tensor):
+        return step.to(device=like.device, dtype=like.dtype)
+    return torch.full((), float(step), dtype=like.dtype, device=like.device)
+
+
 def truncated_normal_(tensor: Tensor, std: float) -> Tensor:
     """Truncated normal at two standard deviations (sonnet's default initialiser)."""
     return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2 * std, b=2 * std)

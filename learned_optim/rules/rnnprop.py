@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Rule, State, init_linear_sonnet_, init_lstm_sonnet_, layout_numels, lstm_cell
+from .base import Rule, State, as_step, init_linear_sonnet_, init_lstm_sonnet_, layout_numels, lstm_cell
 
 
 class RNNpropRule(Rule):
@@ -57,7 +57,7 @@ class RNNpropRule(Rule):
         """Bias-corrected moment features (2, N) and the new (m, v) state (2, N)."""
         m = torch.lerp(grad, mv[0], self.beta1)
         v = torch.lerp(grad * grad, mv[1], self.beta2)
-        step = torch.as_tensor(step, dtype=grad.dtype, device=grad.device)
+        step = as_step(step, grad)
         m_hat = m / (1.0 - self.beta1 ** step)
         denom = torch.sqrt(v / (1.0 - self.beta2 ** step)) + self.eps
         return torch.stack((m_hat / denom, grad / denom), dim=0), torch.stack((m, v), dim=0)

@@ -29,7 +29,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import Rule, State, layout_numels
+from .base import Rule, State, as_step, layout_numels
 
 NUM_SCALES = 4
 NUM_FEATURES = 3 * NUM_SCALES  # 4 + 3 + 4 + 1
@@ -212,7 +212,7 @@ class L2OScaleRule(Rule):
         powers = 0.5 ** torch.arange(NUM_SCALES, device=grad.device, dtype=grad.dtype)
         d = inp[None] ** powers[:, None]
         a = (1 - d) * grad[None] + d * a_prev
-        first = torch.as_tensor(step, device=grad.device) <= 1
+        first = as_step(step, grad) <= 1
         sd = torch.where(first, torch.zeros_like(scl), scl)[None]
         ms = (1 - sd) * (a * a + 1e-12) + sd * ms_prev
         s = torch.asinh(a / torch.sqrt(ms + 1e-16))
