@@ -268,12 +268,13 @@ def _staged_population_step(rule: Rule, grad: Tensor, state: State, step) -> tup
     k, n = grad.shape
     numels = state["numels"]
     t = numels.numel()
+    sizes = rule.host_sizes(numels) if hasattr(rule, "host_sizes") else numels.tolist()
     coord, tensor_h, glob_h = state["coord"], state["tensor"], state["glob"]
     # what each coordinate needs from its own member as a whole (the member's mean log-lr): (P, K*n)
     pre_sums = vmap(lambda member: rule.pre_sums([member])[:, 0], in_dims=1, out_dims=1)
     pre_means = pre_sums(coord.unflatten(1, (k, n))) / n
     context = rule.prepare(tensor_h, glob_h.repeat_interleave(t, dim=1), pre_means.repeat_interleave(n, dim=1))
-    raw_update, new_coord, sums = rule.coord_stage(grad.reshape(-1), coord, context, step, None, numels.tolist() * k)
+    raw_update, new_coord, sums = rule.coord_stage(grad.reshape(-1), coord, context, step, None, sizes * k)
     norm, tensor_new, glob_new = vmap(rule.tensor_stage, in_dims=(1, None, 1, 1), out_dims=(0, 1, 1))(
         sums.unflatten(1, (k, t)), numels, tensor_h.unflatten(1, (k, t)), glob_h.unflatten(1, (k, 1)))
     update = raw_update / norm.flatten().repeat_interleave(numels.repeat(k), output_size=k * n)

@@ -187,3 +187,13 @@ def test_a_step_number_becomes_a_tensor_on_the_gradients_device_bit_for_bit():
         for step in (1, 2, 9999):
             (u1, s1), (u2, s2) = rule(grad, state, step), rule(grad, state, torch.tensor(step))
             assert torch.equal(u1, u2) and all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_scale_reads_the_layout_sizes_back_once_per_layout():
+    rule = build_rule("scale")
+    state = rule.init_state([(50,), (7, 3)])
+    _, new = rule(torch.randn(71), state, 1)
+    assert new["numels"] is state["numels"] and rule.host_sizes(new["numels"]) == [50, 21]
+    assert rule.__dict__["_host_sizes"][0] is state["numels"]  # remembered for the tensor the unroll carries
+    other = rule.init_state([(4,)])
+    assert rule.host_sizes(other["numels"]) == [4]  # another layout: read again

@@ -253,10 +253,18 @@ class L2OScaleRule(Rule):
         glob_new = gru_cell(tensor_new.mean(1, keepdim=True), glob_h, self.global_cell)
         return torch.sqrt(means[ph + NUM_FEATURES] + 1e-16), tensor_new, glob_new
 
+    def host_sizes(self, numels: Tensor) -> list[int]:
+        """``numels.tolist()``, remembered for that tensor: a layout's sizes do not change along an unroll, and
+        reading them back from a GPU at every step would wait for the stream."""
+        memo = self.__dict__.get("_host_sizes")
+        if memo is None or memo[0] is not numels:
+            memo = self.__dict__["_host_sizes"] = (numels, numels.tolist())
+        return memo[1]
+
     def forward(self, grad: Tensor, state: State, step):
         coord, numels = state["coord"], state["numels"]
         tensor_h, glob_h = state["tensor"], state["glob"]
-        sizes = numels.tolist()
+        sizes = self.host_sizes(numels)
         pre = self.pre_sums(list(coord.split(sizes, dim=1))).sum(1)  # tensor by tensor, as the optimizer sums
         context = self.prepare(tensor_h, glob_h, pre / coord.shape[1])
         raw_update, new_coord, sums = self.coord_stage(grad, coord, context, step, None, sizes)
