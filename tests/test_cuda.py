@@ -119,3 +119,40 @@ def test_evaluate_on_cuda_matches_the_cpu(tmp_path, name):
         assert rel[len(rel) // 2] < 1e-3, rel[len(rel) // 2]  # median over the curve
         assert rel[-1] < 5e-2, rel[-1]
     assert abs(cpu["final_ln_loss_mean"] - gpu["final_ln_loss_mean"]) < 0.02
+
+
+@pytest.mark.parametrize("name", ["dm", "rnnprop", "scale"])
+def test_an_unrolled_step_never_waits_for_the_gpu(name):
+    """The per-step work of meta-training (batch, optimizee forward/backward, the rule with an int step, the
+    parameter update), one optimizee and a population, queues on the GPU without a host synchronisation
+    (torch.cuda.set_sync_debug_mode raises on any); only a truncation's end reads values back."""
+    from meta_train.tasks import Task
+    from meta_train.unroll import population_step, start, start_population
+
+    images, labels = synthetic_images(256, 1, 8, 0)
+    data = (torch.from_numpy(images).float().div(255), torch.from_numpy(labels).long())
+    task = Task("mlp-orig", train=True, data=data, device="cuda")
+    torch.manual_seed(0)
+    rule = learned_optim.build_rule(name).cuda()
+    gen, gens = torch.Generator().manual_seed(0), [torch.Generator().manual_seed(i) for i in range(3)]
+    one, pop = start(rule, task, gen), start_population(rule, task, gens)[0]
+
+    def steps(first: int, count: int):
+        theta, state = one.theta.detach().requires_grad_(True), one.state
+        thetas, states = pop.theta.detach().requires_grad_(True), pop.state
+        for t in range(first, first + count):
+            _, grad = task.loss_and_grad(theta, task.sample_batch(gen), keep_graph=True)
+            update, state = rule(grad, state, t)
+            theta = theta + update
+            _, grads = task.population_loss_and_grad(thetas, task.sample_batches(gens), keep_graph=True)
+            updates, states = population_step(rule, grads, states, t)
+            thetas = thetas + updates
+
+    steps(1, 1)  # first use: pinned host buffers, L2O-Scale's layout sizes
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steps(2, 3)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
