@@ -259,7 +259,10 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
             table = array("q", launch["table"])
             table[:nw] = weights
             table[nw::_NCOL] = array("q", [grads[i] for i in launch["rows"]])
-            table_t = torch.frombuffer(table, dtype=torch.int64).to(device)
+            table_t = torch.frombuffer(table, dtype=torch.int64)
+            # to a GPU through pinned memory, queued on the stream (a pageable copy would wait for the stream)
+            table_t = (table_t.pin_memory().to(device, non_blocking=True) if device.type == "cuda"
+                       else table_t.to(device))
             p_dtype, g_dtype, s_dtype, vec = launch["kind"]
             _lstm_step_kernel[(launch["blocks"],)](
                 table_t, launch["block_map"], float(lr), -1.0 if maximize else 1.0, *map(float, consts),
