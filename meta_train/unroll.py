@@ -115,18 +115,22 @@ def meta_unroll(rule: Rule, task: Task, traj: Trajectory, unroll: int, generator
 
 
 @torch.no_grad()
-def rollout(rule: Rule, task: Task, steps: int, generator: torch.Generator) -> list[float]:
-    """Train a fresh optimizee with ``rule`` for ``steps`` steps (no graph); per-step losses."""
+def rollout(rule: Rule, task: Task, steps: int, generator: torch.Generator, check_every: int = 100) -> list[float]:
+    """Train a fresh optimizee with ``rule`` for ``steps`` steps (no graph); per-step losses, ending at the first
+    NaN/Inf. The losses stay on the device and are checked every ``check_every`` steps (on a GPU, reading each
+    one back would wait for the stream at every step)."""
     traj = start(rule, task, generator)
-    theta, state, losses = traj.theta, traj.state, []
+    theta, state, recorded = traj.theta, traj.state, []
     for step in range(1, steps + 1):
         loss, grad = task.loss_and_grad(theta, task.sample_batch(generator))
-        losses.append(float(loss))
-        if not math.isfinite(losses[-1]):
-            break
+        recorded.append(loss)
+        if step % check_every == 0 and not bool(torch.isfinite(torch.stack(recorded[-check_every:])).all()):
+            break  # diverged: the rest would only be NaN
         update, state = rule(grad, state, step)
         theta = theta + update
-    return losses
+    losses = torch.stack(recorded).tolist()
+    end = next((i + 1 for i, v in enumerate(losses) if not math.isfinite(v)), len(losses))
+    return losses[:end]
 
 
 # ------------------------------------------------------------------------------------------------ compiled
