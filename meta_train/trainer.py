@@ -697,10 +697,17 @@ def main_train(cfg: Config) -> Path:
     try:
         trainer = Trainer(cfg)  # every option checked (--init weights, data) before --overwrite deletes anything
         prepare_out_dir(cfg, trainer.rank, trainer.world)
-        return trainer.train()
-    finally:
-        if dist.is_initialized():
+        path = trainer.train()
+    except BaseException:
+        if dist.is_initialized():  # no barrier here: another rank may be gone
             dist.destroy_process_group()
+        raise
+    if dist.is_initialized():
+        # every rank tears the group down together: a rank whose peers exit while its own gloo threads still
+        # run can abort at exit (SIGABRT after a finished run)
+        dist.barrier()
+        dist.destroy_process_group()
+    return path
 
 
 __all__ = ["Config", "RunError", "Trainer", "prepare_out_dir", "MODEL_DEFAULTS", "main_train", "setup_distributed", "sys"]
