@@ -1,7 +1,9 @@
-"""``meta_train --compile``: the unrolls with the rule's forward through ``torch.compile`` compute what the eager rule
-computes, compile once per shape (not per step), and the run resumes bit-identical with the flag. The default
-suite uses torch.compile's ``aot_eager`` backend (the same graph capture and autograd split, no code generation);
-the inductor backend, which generates the fused code, is checked in a ``slow`` test."""
+"""The rule under ``torch.compile``, in both shells. ``meta_train --compile``: the unrolls compute what the eager rule
+computes, compile once per shape (not per step), and the run resumes bit-identical with the flag. The optimizer's
+``backend="compile"``: the same updates and state layout as the torch backend. A failed compilation is one clear
+error that changes nothing. The default suite uses torch.compile's ``aot_eager`` backend (the same graph capture
+and autograd split, no code generation); the inductor backend, which generates the fused code, is checked in
+``slow`` tests."""
 from __future__ import annotations
 
 import functools
