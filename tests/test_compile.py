@@ -18,7 +18,8 @@ from meta_train.imitation import Teacher, imitation_unroll, population_imitation
 from meta_train.tasks import Task
 from meta_train.unroll import (CompiledRule, meta_unroll, population_meta_unroll, population_rollout, rollout, start,
                                start_population)
-from test_population import gens, run_main, small_root, tensors  # noqa: F401  (small_root: a fixture)
+from test_population import (gens, resumed_run_matches_straight, run_main, small_root,  # noqa: F401
+                             tensors)  # (small_root: a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +110,7 @@ def test_compiled_run_resumes_bit_identical(tmp_path, small_root, monkeypatch): 
     base = ["--model", "rnnprop", "--compile", "--imitation", "--imitation-ratio", "0.5", "--horizons", "20",
             "--unroll", "10", "--eval-every", "2", "--eval-runs", "2", "--no-progress", "--threads", "1",
             "--population", "2"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_main([*base, "--epochs", "3", "--out", str(straight)], small_root) == 0
-    assert run_main([*base, "--epochs", "1", "--out", str(split)], small_root) == 0
-    assert run_main([*base, "--epochs", "3", "--resume", "--out", str(split)], small_root) == 0
-    assert (straight / "weights.safetensors").read_bytes() == (split / "weights.safetensors").read_bytes()
+    split = resumed_run_matches_straight(base, tmp_path, small_root)
     assert torch.load(split / "checkpoint.pt", weights_only=False)["config"]["compile"] is True
     assert graphs  # the runs stepped through the compiled rule
 

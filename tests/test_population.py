@@ -304,15 +304,22 @@ def run_main(args, root):
         return exc.code if isinstance(exc.code, int) else 1
 
 
+def resumed_run_matches_straight(base, tmp_path, root):
+    """``base`` run for 3 epochs straight and for 1 epoch then resumed to 3: the two exported files must be the same
+    bytes. Returns the resumed run's folder."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_main([*base, "--epochs", "3", "--out", str(straight)], root) == 0
+    assert run_main([*base, "--epochs", "1", "--out", str(split)], root) == 0
+    assert run_main([*base, "--epochs", "3", "--resume", "--out", str(split)], root) == 0
+    assert (straight / "weights.safetensors").read_bytes() == (split / "weights.safetensors").read_bytes()
+    return split
+
+
 def test_population_run_resumes_bit_identical_and_logs_k(tmp_path, small_root):
     base = ["--model", "rnnprop", "--imitation", "--horizons", "20", "--unroll", "10", "--eval-every", "2",
             "--eval-runs", "2", "--no-progress", "--threads", "1", "--imitation-ratio", "0.5", "--random-scale", "2",
             "--population", "3"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_main([*base, "--epochs", "3", "--out", str(straight)], small_root) == 0
-    assert run_main([*base, "--epochs", "1", "--out", str(split)], small_root) == 0
-    assert run_main([*base, "--epochs", "3", "--resume", "--out", str(split)], small_root) == 0
-    assert (straight / "weights.safetensors").read_bytes() == (split / "weights.safetensors").read_bytes()
+    split = resumed_run_matches_straight(base, tmp_path, small_root)
     assert learned_optim.read_metadata(split / "weights.safetensors")["recipe"]["population"] == 3
     records = [json.loads(line) for line in (split / "log.jsonl").read_text().splitlines()]
     assert [r["population"] for r in records if r["type"] == "epoch"] == [3] * 3
