@@ -153,8 +153,8 @@ def summary_table(step: dict, meta: dict | None, evaluate: dict | None, size: st
             ref = f"Adam {rows['adam']['speedup_batched']:.2f}×" if "adam" in rows else ""
             lines.append("| evaluation, 10 seeds as one population: speed-up over one seed at a time (MLP-orig) | "
                          + " | ".join(cells) + f" | {ref} |")
-    lines += ["", "On a GPU, L2O-DM and RNNprop step with a fused Triton kernel (one launch per param group) and "
-              "meta-training and evaluation run populations; these are built and tested (through Triton's "
+    lines += ["", "On a GPU, L2O-DM and RNNprop step with a fused Triton kernel (one launch per param group, and no "
+              "host sync: NaN/Inf gradients are checked on the device) and meta-training and evaluation run populations; these are built and tested (through Triton's "
               "interpreter on the CPU; the kernel also compiled for an H200, "
               "`benchmarks/results/kernel_resources_sm90.json`) but not yet timed on a GPU: `scripts/gpu_check.sh` "
               "measures them on one."]

@@ -17,7 +17,7 @@ two passes: its per-coordinate stage chunk by chunk (new state written in place,
 its per-tensor RMS normalisation kept in one float per coordinate, per-tensor sums accumulated),
 then its per-tensor and global RNNs on the sums, then each tensor's normalised update.
 
-On CUDA tensors L2O-DM and RNNprop take a fused Triton kernel instead (one launch per param group,
+On CUDA tensors L2O-DM and RNNprop take a fused Triton kernel instead (one step launch per param group,
 ``backend="auto"``; ``"torch"`` / ``"triton"`` force either path): same updates, same state layout,
 so state dicts move between the two (``learned_optim.kernels``). ``backend="compile"`` runs the same chunks
 through ``torch.compile`` of the rule (its own module, so its own tensors): generated code with the element-wise
@@ -30,10 +30,14 @@ L2O-Scale's per-tensor sums are all-reduced across the shards (``learned_optim.d
 Non-finite gradients (policy ``nonfinite="skip"``, the default): a tensor whose gradient holds
 NaN or Inf is skipped for that step, its parameter and recurrent state left untouched, and a
 ``RuntimeWarning`` is issued; other tensors update normally. ``nonfinite="raise"`` raises a
-``FloatingPointError`` before anything is modified.
+``FloatingPointError`` before anything is modified. The torch path checks on the host (one sync per
+param group); the fused kernel checks on the device, so its ``step()`` never waits for the GPU, and on a
+GPU its warning comes from a later ``step()``, once the count has reached the host (``"raise"`` checks on
+the host on every path).
 """
 from __future__ import annotations
 
+import collections
 import copy
 import numbers
 import os
@@ -154,6 +158,7 @@ class LearnedOptimizer(Optimizer):
         kernels.check_backend(backend, rule, [p for group in self.param_groups for p in group["params"]])
         self.backend = backend
         self._kernel_cache: dict = {}
+        self._nonfinite_pending: collections.deque = collections.deque()  # (pinned count, CUDA event)
         self._compiled: dict = {}
         self.rule = rule  # run under no_grad; the caller's module is not modified (it may be in training)
         self.weights = None if weights is None else str(weights)
@@ -185,6 +190,7 @@ class LearnedOptimizer(Optimizer):
                     "_compiled": {}}
         for key, value in defaults.items():
             self.__dict__.setdefault(key, value)
+        self.__dict__.setdefault("_nonfinite_pending", collections.deque())
         hooks = self._optimizer_load_state_dict_pre_hooks.values()
         if not any(getattr(h, "__name__", "") == _remember_loaded_state.__name__ for h in hooks):
             self.register_load_state_dict_pre_hook(_remember_loaded_state)
@@ -224,6 +230,8 @@ class LearnedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._nonfinite_pending:
+            self._report_nonfinite()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
             if not params:
@@ -232,18 +240,25 @@ class LearnedOptimizer(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; use a dense "
                                        "embedding (sparse=False) or torch.optim.SparseAdam for those parameters")
-            params = self._drop_nonfinite(params)
-            if not params:
-                continue
+            fused = (self.rule.coordinatewise and self.backend not in ("torch", "compile")
+                     and kernels.use_kernel(self.backend, self._rule_on(params[0].device), params[0].device))
+            if not fused or self.nonfinite == "raise":  # the fused kernel skips non-finite tensors itself
+                params = self._drop_nonfinite(params)
+                if not params:
+                    continue
             self._init_group_state(group, params)
-            if self.rule.coordinatewise:
-                if self.backend != "torch" and kernels.use_kernel(self.backend, self._rule_on(params[0].device),
-                                                                   params[0].device):
-                    params = kernels.lstm_step(self._rule_on(params[0].device), params, self.state, lr=group["lr"],
-                                               maximize=group["maximize"], flat_pair=self._flat_pair,
-                                               cache=self._kernel_cache)  # returns the tensors it cannot take
-                if params:
-                    self._step_coordinatewise(group, params)
+            if fused:
+                params, counts = kernels.lstm_step(self._rule_on(params[0].device), params, self.state,
+                                                   lr=group["lr"], maximize=group["maximize"],
+                                                   flat_pair=self._flat_pair, cache=self._kernel_cache)
+                if counts is not None and self.nonfinite == "skip":
+                    self._note_nonfinite(counts)
+                if params:  # the tensors the kernel cannot take
+                    params = self._drop_nonfinite(params) if self.nonfinite == "skip" else params
+                    if params:
+                        self._step_coordinatewise(group, params)
+            elif self.rule.coordinatewise:
+                self._step_coordinatewise(group, params)
             else:
                 self._step_whole_group(group, params)
         return loss
@@ -376,8 +391,35 @@ class LearnedOptimizer(Optimizer):
             raise FloatingPointError(f"{type(self).__name__}: non-finite gradient (NaN/Inf) in {bad} tensor(s); nothing "
                                      "was updated (nonfinite='raise'). Check the loss, or use nonfinite='skip'")
         warnings.warn(f"{type(self).__name__}: non-finite gradient (NaN/Inf) in {bad} tensor(s); skipped them this "
-                      "step (their parameters and optimizer state are unchanged)", RuntimeWarning, stacklevel=3)
+                      "step (their parameters and optimizer state are unchanged)", RuntimeWarning, stacklevel=5)
         return [p for p, ok in zip(params, finite) if ok]
+
+    def _note_nonfinite(self, counts: Tensor) -> None:
+        """Keep the fused step's count of skipped tensors. On a GPU it travels to pinned host memory behind the
+        step and a later ``step()`` reads it once it has arrived (never waiting); elsewhere it is read now."""
+        if counts.device.type != "cuda":
+            self._nonfinite_pending.append((counts, None))
+            self._report_nonfinite(stacklevel=6)
+            return
+        host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+        host.copy_(counts, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._nonfinite_pending.append((host, event))
+
+    def _report_nonfinite(self, stacklevel: int = 5) -> None:
+        """Warn about the tensors the fused step skipped, for every count that has reached the host."""
+        bad, steps, earlier = 0, 0, False
+        while self._nonfinite_pending and (self._nonfinite_pending[0][1] is None
+                                           or self._nonfinite_pending[0][1].query()):
+            counts, event = self._nonfinite_pending.popleft()
+            skipped = int(counts.sum())
+            bad, steps, earlier = bad + skipped, steps + (skipped > 0), earlier or event is not None
+        if bad:
+            when = f"in {steps} earlier step(s)" if earlier else "this step"
+            warnings.warn(f"{type(self).__name__}: non-finite gradient (NaN/Inf) in {bad} tensor(s); skipped them "
+                          f"{when} (their parameters and optimizer state are unchanged)", RuntimeWarning,
+                          stacklevel=stacklevel)
 
     def _step_whole_group(self, group: dict, params: list[Tensor]) -> None:
         """A rule with per-tensor and global RNNs (L2O-Scale), through its stages: a pre-pass sum, then its

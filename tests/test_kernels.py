@@ -41,7 +41,7 @@ def case(name, rule, **kw):
     spec = {"name": name, "rule": rule, "config": {}, "shapes": [[37], [3, 5]], "steps": 10,
             "state_dtype": "float32", "param_dtype": "float32", "lr": 1.0, "maximize": False,
             "layouts": None, "late": {}, "groups": None, "nan_at": None, "block": None, "tol": FP32_TOL,
-            "sync": False, "swap_at": None}
+            "sync": False, "swap_at": None, "step_rows": None}
     spec.update(kw)
     return spec
 
@@ -66,7 +66,9 @@ def interpreter_cases() -> list[dict]:
             out.append(case(f"{rule}-param-{dtype}", rule, steps=6, param_dtype=dtype, tol=LOOSE_TOL[f"param_{dtype}"]))
         # many tensors, sizes around block boundaries (BLOCK 16), one launch
         sizes = [1, 15, 16, 17, 31, 33, 2, 64, 7, 3, 129, 40]
-        out.append(case(f"{rule}-many", rule, steps=2, shapes=[[s] for s in sizes], block=16, late={3: 1}))
+        # ... its step counters advanced by several programs (4 tensors each), one NaN tensor among them
+        out.append(case(f"{rule}-many", rule, steps=2, shapes=[[s] for s in sizes], block=16, late={3: 1},
+                        step_rows=4, nan_at=[1, 6]))
         out.append(case(f"{rule}-groups-lr-maximize", rule, steps=6, shapes=[[4, 6], [9], [2, 3]],
                         groups=[{"idx": [0, 2], "lr": 0.5, "maximize": True}, {"idx": [1], "lr": 2.0}]))
         out.append(case(f"{rule}-layouts", rule, steps=6, shapes=[[6, 5], [4, 10], [7], [3, 4], [5, 3]],
@@ -156,9 +158,14 @@ def run_pair(spec: dict, device: str) -> dict:
     saved_block = os.environ.pop("LEARNED_OPTIM_TRITON_BLOCK", None)
     if spec["block"]:
         os.environ["LEARNED_OPTIM_TRITON_BLOCK"] = str(spec["block"])
+    from learned_optim.kernels import lstm
+
+    saved_rows = lstm._STEP_ROWS
+    lstm._STEP_ROWS = spec["step_rows"] or saved_rows
     try:
         return _run_pair(spec, device)
     finally:
+        lstm._STEP_ROWS = saved_rows
         os.environ.pop("LEARNED_OPTIM_TRITON_BLOCK", None)
         if saved_block is not None:
             os.environ["LEARNED_OPTIM_TRITON_BLOCK"] = saved_block
@@ -261,6 +268,58 @@ def state_dict_round_trip(device: str) -> dict:
     return out
 
 
+def nonfinite_skip(device: str) -> dict:
+    """NaN / Inf gradients on the fused path, checked on the device: each flagged tensor is skipped (parameter,
+    state and step unchanged; one skipped at its very first step keeps its fresh state at step 0), the others
+    match the torch path, and every skip is reported by a RuntimeWarning (on a GPU from a later step())."""
+    import warnings
+
+    out = {}
+    for rule in ("dm", "rnnprop"):
+        spec = case(f"{rule}-nf", rule, shapes=[[13], [6], [2, 5]])
+        pa, _, oa = build(spec, "torch", device)
+        pb, _, ob = build(spec, "triton", device)
+        gen = torch.Generator().manual_seed(3)
+        bad_at = {0: (1, float("nan")), 2: (0, float("inf")), 3: (2, -float("inf"))}  # step: (tensor, value)
+        warned, worst, skipped_kept, first_kept = 0, 0.0, True, True
+        for step in range(5):
+            for i, (a, b) in enumerate(zip(pa, pb)):
+                g = _grad(a, None, gen, 0.1)
+                if bad_at.get(step, (None,))[0] == i:
+                    g.view(-1)[3] = bad_at[step][1]
+                a.grad, b.grad = g.clone(), g.clone()
+            before = [(b.detach().clone(), {k: v.clone() for k, v in ob.state[b].items()}) if b in ob.state else None
+                      for b in pb]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                oa.step()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ob.step()
+                if device == "cuda":  # the count reaches the host behind the step; a later step() reports it
+                    torch.cuda.synchronize()
+                    ob._report_nonfinite()
+            warned += sum("non-finite gradient" in str(w.message) for w in caught)
+            for i, (a, b) in enumerate(zip(pa, pb)):
+                if bad_at.get(step, (None,))[0] == i:
+                    if before[i] is None:  # skipped at its first step: fresh state, step 0, parameter untouched
+                        first_kept &= float(ob.state[b]["step"]) == 0.0 and all(
+                            not v.any() for k, v in ob.state[b].items() if k != "step")
+                    else:
+                        skipped_kept &= torch.equal(b.detach(), before[i][0]) and all(
+                            torch.equal(ob.state[b][k], v) for k, v in before[i][1].items())
+                worst = max(worst, _rel(b.detach(), a.detach())[0])
+                if a in oa.state:
+                    for key, value in oa.state[a].items():
+                        if key == "step":
+                            worst = max(worst, abs(float(value) - float(ob.state[b][key])))
+                        else:
+                            worst = max(worst, _rel(ob.state[b][key], value)[0])
+        out[rule] = {"worst": worst, "warned": warned, "expected_warnings": len(bad_at), "skipped_kept": skipped_kept,
+                     "first_kept": first_kept}
+    return out
+
+
 def worker() -> None:
     """Entry point of the interpreter subprocess: every case, as one JSON line on stdout."""
     assert kernels.interpreter_enabled()
@@ -273,6 +332,10 @@ def worker() -> None:
             results[spec["name"]]["seconds"] = time.perf_counter() - start
         except Exception as exc:  # reported per case by the tests
             results[spec["name"]] = {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        results["nonfinite-skip"] = nonfinite_skip("cpu")
+    except Exception as exc:
+        results["nonfinite-skip"] = {"error": f"{type(exc).__name__}: {exc}"}
     try:
         results["state-dict-round-trip"] = state_dict_round_trip("cpu")
     except Exception as exc:
@@ -317,6 +380,18 @@ def test_interpreted_state_dict_moves_between_backends(interpreted):
     assert "error" not in result, result.get("error")
     for rule, worst in result.items():
         assert worst <= FP32_TOL, (rule, worst)
+
+
+def check_nonfinite(result: dict) -> None:
+    assert "error" not in result, result.get("error")
+    for rule, r in result.items():
+        assert r["skipped_kept"] and r["first_kept"], (rule, r)
+        assert r["warned"] == r["expected_warnings"], (rule, r)
+        assert r["worst"] <= FP32_TOL, (rule, r)
+
+
+def test_interpreted_kernel_skips_nonfinite_tensors_on_the_device(interpreted):
+    check_nonfinite(interpreted["nonfinite-skip"])
 
 
 # ---------------------------------------------------------------------------------------------- CPU: compiler
@@ -416,6 +491,55 @@ def test_cuda_kernel_matches_torch_path(spec):
 def test_cuda_state_dict_moves_between_backends():
     for rule, worst in state_dict_round_trip("cuda").items():
         assert worst <= FP32_TOL, (rule, worst)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_kernel_skips_nonfinite_tensors_on_the_device():
+    check_nonfinite(nonfinite_skip("cuda"))
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("name", ["dm", "rnnprop"])
+def test_cuda_fused_step_never_waits_for_the_gpu(name):
+    """After the first step (which initialises the state), step() queues its work without a host sync, NaN
+    gradients included; the skip is reported by a later step() once its count has reached the host."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3)).cuda()
+    opt = learned_optim.LearnedOptimizer(model.parameters(), learned_optim.build_rule(name).cuda())
+    x = torch.randn(16, 64, device="cuda")
+
+    def backward(nan: bool):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        if nan:
+            model[0].weight.grad[0, 0] = float("nan")
+
+    backward(False)
+    opt.step()
+    torch.cuda.synchronize()
+    snapshots = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for nan in (False, True, False):
+                backward(nan)
+                snapshots.append(model[0].weight.detach().clone())
+                opt.step()
+                snapshots.append(model[0].weight.detach().clone())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        backward(False)
+        opt.step()
+    assert torch.equal(snapshots[2], snapshots[3])  # the NaN step left the tensor as it was
+    assert not torch.equal(snapshots[0], snapshots[1]) and not torch.equal(snapshots[4], snapshots[5])
+    messages = [str(w.message) for w in caught if "non-finite" in str(w.message)]
+    assert len(messages) == 1 and "in 1 tensor(s); skipped them in 1 earlier step(s)" in messages[0], messages
 
 
 @pytest.mark.cuda

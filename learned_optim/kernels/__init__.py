@@ -3,20 +3,29 @@
 The torch path of ``LearnedOptimizer.step`` evaluates the rule module over chunks of coordinates, a few
 dozen small kernels per chunk. On a GPU the floor of a step is its memory traffic, so the fused path does
 the whole step in one kernel launch per param group (per combination of parameter, gradient and state
-dtypes), whatever the number of tensors:
+dtypes), whatever the number of tensors, between two small ones (the NaN/Inf check before, the step counters
+after):
 
 * **Host, per step.** One int64 table: the data pointers of the rule's own weight tensors (read at call
   time: no copy of the weights exists that could go stale), then one row per tensor (gradient, parameter,
   ``rnn`` state, ``mv`` state and ``step`` pointers, numel, first block), copied to the device in one
   transfer. A block map (program -> tensor, int32; cached per layout) lets program ``pid`` find its tensor
-  with one load. Each tensor's ``step`` lives on its device (as in torch's fused optimizers) and is advanced
-  with one ``_foreach_add_``; the kernel reads it and computes RNNprop's bias corrections
-  ``1 - beta^step = 1 - exp2(step * log2(beta))`` per tensor (each tensor its own step count).
+  with one load. Each tensor's ``step`` lives on its device (as in torch's fused optimizers); the kernel reads
+  it and computes RNNprop's bias corrections ``1 - beta^step = 1 - exp2(step * log2(beta))`` per tensor (each
+  tensor its own step count).
   The scan of a group (checks, pointers, block map) is cached as a plan keyed on the group's tensors and
   re-checked per tensor at every step (gradient pointer and layout, parameter storage, identity of the state
   dict and of the state tensors); any change rescans. Host cost measured on this project's 2-core CPU
-  (kernel launch stubbed, step increments excluded): ~1 ms per step for the 864 tensors of the 1M "many"
-  layout, 0.03 ms for one matrix.
+  (kernel launches stubbed): ~1 ms per step for the 864 tensors of the 1M "many" layout, 0.03 ms
+  for one matrix.
+* **No host sync.** Non-finite gradients are found on the device: a launch over the same blocks flags each
+  tensor with a NaN or Inf in its gradient, the step masks every load and store of a flagged tensor (its
+  parameter, state and ``step`` stay as they were), and a one-program launch then advances the other
+  tensors' steps, counts the flagged ones and clears the flags. The count goes to pinned host memory behind
+  the step and a later ``step()`` turns it into the ``RuntimeWarning`` once it has arrived, so ``step()``
+  never waits for the GPU (the torch path syncs once per param group for its check; ``nonfinite="raise"``
+  checks on the host on both paths). A tensor skipped at its very first step keeps its freshly initialised
+  state at step 0, which is what the torch path creates at its next step.
 * **One program** takes BLOCK (default 64) consecutive coordinates of one tensor. It loads the gradient
   (any of fp32/bf16/fp16; negated for ``maximize``) and runs the preprocessing (DM: LogAndSign with k=5;
   RNNprop: the Adam moments m, v, bias-corrected features, Linear(2, 20) + ELU), then for each LSTM layer
@@ -158,8 +167,9 @@ def use_kernel(backend: str, rule, device: torch.device) -> bool:
     return True
 
 
-def lstm_step(rule, params, state, *, lr: float, maximize: bool, flat_pair, cache: dict) -> list:
-    """Run the fused L2O-DM / RNNprop step on ``params``; returns those left for the torch path."""
+def lstm_step(rule, params, state, *, lr: float, maximize: bool, flat_pair, cache: dict) -> tuple:
+    """Run the fused L2O-DM / RNNprop step on ``params``; returns those left for the torch path and the device
+    count of tensors it skipped for a non-finite gradient (None when it launched nothing)."""
     return _module().lstm_step(rule, params, state, lr=lr, maximize=maximize, flat_pair=flat_pair, cache=cache)
 
 

@@ -23,6 +23,7 @@ from ..rules import L2ODMRule, RNNpropRule, Rule
 _NCOL = 7  # grad ptr, param ptr, rnn ptr, mv ptr, step ptr, numel, first block
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _RULE_IDS = {"dm": 0, "rnnprop": 1}
+_STEP_ROWS = 256  # tensors per program of _advance_steps_kernel
 
 
 # ---------------------------------------------------------------------------------------- device maths
@@ -55,13 +56,14 @@ def _gate(x, x0, x1, h, w_ih, w_hh, b_ih, b_hh, w_offs, w_mask, js, jmask,
 
 
 @triton.jit
-def _lstm_step_kernel(table, block_map, lr, sign, c0, c1, c2, c3, c4, output_scale,
+def _lstm_step_kernel(table, block_map, skip, lr, sign, c0, c1, c2, c3, c4, output_scale,
                       RULE: tl.constexpr, NUM_LAYERS: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
                       BLOCK: tl.constexpr, G_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
                       PRECISION: tl.constexpr, NW: tl.constexpr, NCOL: tl.constexpr, VEC: tl.constexpr):
     """One program = BLOCK coordinates of one tensor: preprocessing, the LSTM layers, the head, state and
     parameter written in place. DM: c0 = k, c1 = e^k; RNNprop: c0 = log2(beta1), c1 = log2(beta2), c2 = eps,
-    c3 = beta1, c4 = beta2."""
+    c3 = beta1, c4 = beta2. A tensor whose ``skip`` flag is set (a NaN/Inf in its gradient) is left unchanged:
+    every load and store of its programs is masked off."""
     pid = tl.program_id(0)
     t = tl.load(block_map + pid).to(tl.int64)
     row = table + NW + t * NCOL
@@ -75,7 +77,7 @@ def _lstm_step_kernel(table, block_map, lr, sign, c0, c1, c2, c3, c4, output_sca
         s_ptr = tl.multiple_of(s_ptr, 16)
         n = tl.multiple_of(n, VEC)
     coord = (pid - tl.load(row + 6)) * BLOCK + tl.arange(0, BLOCK)  # int64: row * n + coord may exceed 2^31
-    valid = coord < n
+    valid = (coord < n) & (tl.load(skip + t) == 0)
     js = tl.arange(0, HP)
     jmask = js < H
     w_offs = js[None, :] * H + js[:, None]  # tile[k, j] = W[j, k] of an (H, H) block
@@ -106,7 +108,8 @@ def _lstm_step_kernel(table, block_map, lr, sign, c0, c1, c2, c3, c4, output_sca
             v = v - (v - g * g) * (1.0 - c4)
         tl.store(mv_ptr + coord, m.to(S_DTYPE), mask=valid, eviction_policy="evict_first")
         tl.store(mv_ptr + n + coord, v.to(S_DTYPE), mask=valid, eviction_policy="evict_first")
-        step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))  # this tensor's own step count
+        # this tensor's own step count, advanced after the launch (_advance_steps_kernel): this is step + 1
+        step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32))) + 1.0
         denom = tl.sqrt(v / (1.0 - tl.exp2(step * c1))) + c2
         f0 = (m / (1.0 - tl.exp2(step * c0))) / denom
         f1 = g / denom
@@ -154,6 +157,36 @@ def _lstm_step_kernel(table, block_map, lr, sign, c0, c1, c2, c3, c4, output_sca
     p = tl.load(p_ptr + coord, mask=valid, other=0.0, eviction_policy="evict_first").to(tl.float32)
     p = p + lr * update.to(P_DTYPE).to(tl.float32)  # the update is rounded to the parameter dtype first, as in torch
     tl.store(p_ptr + coord, p.to(P_DTYPE), mask=valid, eviction_policy="evict_first")
+
+
+@triton.jit
+def _nonfinite_kernel(table, block_map, skip, BLOCK: tl.constexpr, G_DTYPE: tl.constexpr, NW: tl.constexpr,
+                      NCOL: tl.constexpr):
+    """Before the step: flag (``skip[t] = 1``) each tensor with a NaN or Inf in its gradient. One program per
+    BLOCK coordinates, the step's own block map; flags are only ever set, so the programs need no ordering."""
+    pid = tl.program_id(0)
+    t = tl.load(block_map + pid).to(tl.int64)
+    row = table + NW + t * NCOL
+    g_ptr = tl.load(row).to(tl.pointer_type(G_DTYPE))
+    coord = (pid - tl.load(row + 6)) * BLOCK + tl.arange(0, BLOCK)
+    g = tl.load(g_ptr + coord, mask=coord < tl.load(row + 5), other=0.0).to(tl.float32)
+    found = tl.max(((g != g) | (tl.abs(g) > 3.4028234663852886e38)).to(tl.int32), axis=0)  # NaN, or +-Inf
+    if found > 0:
+        tl.store(skip + t, 1)
+
+
+@triton.jit
+def _advance_steps_kernel(table, skip, count, rows, NW: tl.constexpr, NCOL: tl.constexpr, R: tl.constexpr):
+    """After the step, R tensors per program: each tensor's ``step += 1`` unless it was skipped; the number of
+    skipped tensors into ``count[pid]``; the flags cleared for the next step."""
+    pid = tl.program_id(0)
+    r = pid * R + tl.arange(0, R)
+    m = r < rows
+    flag = tl.load(skip + r, mask=m, other=0)
+    step_ptr = tl.load(table + NW + r.to(tl.int64) * NCOL + 4, mask=m, other=0).to(tl.pointer_type(tl.float32))
+    tl.store(step_ptr, tl.load(step_ptr, mask=m, other=0.0) + (1 - flag).to(tl.float32), mask=m)
+    tl.store(skip + r, tl.zeros([R], dtype=tl.int32), mask=m)
+    tl.store(count + pid, tl.sum(flag, axis=0))
 
 
 # ---------------------------------------------------------------------------------------- host side
@@ -221,7 +254,13 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
     for parameters that are not plain contiguous tensors. Returns the parameters the kernel cannot take
     (tensor subclasses, float64, state that is not a contiguous tensor on the parameter's device); the
     caller steps those on the torch path. Each tensor's ``step`` is kept on its device (as torch's fused
-    optimizers do) and incremented here; the kernel reads it through the table.
+    optimizers do); the kernel reads it through the table.
+
+    Non-finite gradients are found on the device, without waiting for the GPU: a first launch flags each
+    tensor with a NaN or Inf in its gradient, the step leaves flagged tensors (parameter, state, ``step``)
+    unchanged, and a last one-program launch advances the other tensors' steps and counts the flagged ones.
+    Returns ``(rest, counts)``: ``counts`` is an int32 tensor on the device whose sum is the number of skipped
+    tensors (None when nothing was launched); the caller reads it when it is ready.
 
     The scan of a group (checks, pointers, block map) is kept in ``cache`` as a plan, keyed on the group's
     tensors. Every step re-checks, per tensor, what can change between steps -- the gradient (its pointer and
@@ -255,7 +294,6 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
         for launch in plan["launches"]:
-            torch._foreach_add_(launch["steps"], 1.0)
             table = array("q", launch["table"])
             table[:nw] = weights
             table[nw::_NCOL] = array("q", [grads[i] for i in launch["rows"]])
@@ -264,18 +302,24 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
             table_t = (table_t.pin_memory().to(device, non_blocking=True) if device.type == "cuda"
                        else table_t.to(device))
             p_dtype, g_dtype, s_dtype, vec = launch["kind"]
+            skip = launch["skip"]
+            _nonfinite_kernel[(launch["blocks"],)](table_t, launch["block_map"], skip, BLOCK=block,
+                                                   G_DTYPE=_TL_DTYPES[g_dtype], NW=nw, NCOL=_NCOL, num_warps=2)
             _lstm_step_kernel[(launch["blocks"],)](
-                table_t, launch["block_map"], float(lr), -1.0 if maximize else 1.0, *map(float, consts),
+                table_t, launch["block_map"], skip, float(lr), -1.0 if maximize else 1.0, *map(float, consts),
                 float(rule.output_scale),
                 RULE=_RULE_IDS[rule.name], NUM_LAYERS=rule.num_layers, H=rule.hidden_size,
                 HP=max(16, triton.next_power_of_2(rule.hidden_size)), BLOCK=block, G_DTYPE=_TL_DTYPES[g_dtype],
                 P_DTYPE=_TL_DTYPES[p_dtype], S_DTYPE=_TL_DTYPES[s_dtype], PRECISION=cfg["PRECISION"],
                 NW=nw, NCOL=_NCOL, VEC=vec, num_warps=cfg["num_warps"],
                 **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}))
-        for p, buffer in plan["buffers"]:
+            rows = len(launch["rows"])
+            _advance_steps_kernel[(-(-rows // _STEP_ROWS),)](table_t, skip, plan["counts"][launch["count_at"]:], rows,
+                                                             NW=nw, NCOL=_NCOL, R=_STEP_ROWS, num_warps=4)
+        for p, buffer in plan["buffers"]:  # zero where skipped: the kernel masked those tensors' stores
             target = torch.view_as_real(p) if p.is_complex() else p
             target.add_(buffer.view(target.shape))
-    return plan["rest"]
+    return plan["rest"], (plan["counts"] if plan["launches"] else None)
 
 
 def _scan(rule: Rule, params: Sequence[Tensor], state, flat_pair, block: int, device: torch.device,
@@ -324,6 +368,7 @@ def _scan(rule: Rule, params: Sequence[Tensor], state, flat_pair, block: int, de
         rows.append((p, st, rnn, mv if is_rnnprop else None, step, p.data_ptr(), vec == 4))
         grads.append(ptrs[0])
     launches = []
+    count_at = 0  # each launch's first entry in the counts of skipped tensors, one per program of its last kernel
     for kind, entries in classes.items():
         table = array("q", bytes(8 * nw))
         numels = []
@@ -334,9 +379,12 @@ def _scan(rule: Rule, params: Sequence[Tensor], state, flat_pair, block: int, de
             numels.append(n)
             first += -(-n // block)
         launches.append({"kind": kind, "rows": [e[0] for e in entries], "table": table, "blocks": first,
-                         "steps": [e[3] for e in entries], "block_map": _block_map(tuple(numels), block, device, cache)})
+                         "block_map": _block_map(tuple(numels), block, device, cache),
+                         "skip": torch.zeros(len(entries), dtype=torch.int32, device=device),  # cleared after use
+                         "count_at": count_at})
+        count_at += -(-len(entries) // _STEP_ROWS)
     return {"state": state, "rows": rows, "grads": grads, "launches": launches, "rest": rest, "buffers": buffers,
-            "keep": keep, "reusable": reusable}
+            "keep": keep, "reusable": reusable, "counts": torch.zeros(count_at, dtype=torch.int32, device=device)}
 
 
 def _check_plan(plan: dict, params: Sequence[Tensor], state) -> list[int] | None:
@@ -384,8 +432,13 @@ def _specialisation(v: dict) -> dict:
 
 def _compile(v: dict) -> str:
     _lstm_step_kernel.warmup(
-        torch.int64, torch.int32, 1.0, 1.0, 0.5, 0.5, 1e-8, 0.5, 0.5, 0.01, grid=(1,), **_specialisation(v),
+        torch.int64, torch.int32, torch.int32, 1.0, 1.0, 0.5, 0.5, 1e-8, 0.5, 0.5, 0.01, grid=(1,), **_specialisation(v),
         num_warps=v["warps"], **({"maxnreg": v["maxnreg"]} if v.get("maxnreg") else {}))
+    nw = _specialisation(v)["NW"]  # the small launches around the step
+    _nonfinite_kernel.warmup(torch.int64, torch.int32, torch.int32, grid=(1,), BLOCK=v["block"],
+                             G_DTYPE=_TL_DTYPES[v["p"]], NW=nw, NCOL=_NCOL, num_warps=2)
+    _advance_steps_kernel.warmup(torch.int64, torch.int32, torch.int32, 7, grid=(1,), NW=nw, NCOL=_NCOL,
+                                 R=_STEP_ROWS, num_warps=4)
     return f"{v['rule']} H={v['hidden']} L={v['layers']} state={v['s']} param={v['p']} VEC={v['vec']}"
 
 
@@ -401,7 +454,7 @@ def compile_for(v: dict, arch: int = 90):
         raise RuntimeError("compile_for needs the compiled kernel: unset TRITON_INTERPRET before importing triton")
     const = _specialisation(v)
     names = _lstm_step_kernel.arg_names
-    signature = {n: "constexpr" if n in const else "*i64" if n == "table" else "*i32" if n == "block_map"
+    signature = {n: "constexpr" if n in const else "*i64" if n == "table" else "*i32" if n in ("block_map", "skip")
                  else "fp32" for n in names}
     source = ASTSource(fn=_lstm_step_kernel, signature=signature,
                        constexprs={(names.index(n),): value for n, value in const.items()})
