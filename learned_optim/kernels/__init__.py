@@ -39,8 +39,8 @@ after):
   RNNprop's output tanh and the ELU use an expm1 that is exact near 0.
 * **Traffic per coordinate** (fp32 state): read gradient 4 B, parameter 4 B, state 320 B (RNNprop +8 B of
   m, v), write state 320 B (+8) and parameter 4 B: ~652 B for DM, ~668 B for RNNprop; bfloat16 state halves
-  the state part (~332 / 340 B). Weights (~21 KB for DM, ~27 KB for RNNprop) are read once per program and
-  stay in L1/L2.
+  the state part (~332 / 340 B). The NaN/Inf check reads the gradient once more (+4 B, under 1 %). Weights
+  (~21 KB for DM, ~27 KB for RNNprop) are read once per program and stay in L1/L2.
 * When every tensor of a launch has 16-byte aligned pointers and a numel divisible by 4, the launch is
   specialised (``VEC=4``) so loads and stores of the state rows are 128-bit vectors; other tensors go into
   a second launch with scalar accesses.
