@@ -232,7 +232,10 @@ class LearnedOptimizer(Optimizer):
                 loss = closure()
         if self._nonfinite_pending:
             self._report_nonfinite()
+        fast = self._kernel_cache and self.nonfinite == "skip" and self.backend in ("auto", "triton")
         for group in self.param_groups:
+            if fast and self._fast_step(group):
+                continue
             params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
             if not params:
                 continue
@@ -248,9 +251,10 @@ class LearnedOptimizer(Optimizer):
                     continue
             self._init_group_state(group, params)
             if fused:
-                params, counts = kernels.lstm_step(self._rule_on(params[0].device), params, self.state,
-                                                   lr=group["lr"], maximize=group["maximize"],
-                                                   flat_pair=self._flat_pair, cache=self._kernel_cache)
+                params, counts = kernels.lstm_step(
+                    self._rule_on(params[0].device), params, self.state, lr=group["lr"], maximize=group["maximize"],
+                    flat_pair=self._flat_pair, cache=self._kernel_cache,
+                    group_params=group["params"] if self.nonfinite == "skip" else None)
                 if counts is not None and self.nonfinite == "skip":
                     self._note_nonfinite(counts)
                 if params:  # the tensors the kernel cannot take
@@ -262,6 +266,26 @@ class LearnedOptimizer(Optimizer):
             else:
                 self._step_whole_group(group, params)
         return loss
+
+    def _fast_step(self, group: dict) -> bool:
+        """A fused step of ``group`` through the plan recorded at its last step (one pass over its tensors, no
+        state initialisation or gradient filtering needed); False when the full path must run."""
+        params = group["params"]
+        if not params:
+            return False
+        rule = self._rule_on(params[0].device)
+        done = kernels.fast_step(rule, params, self.state, lr=group["lr"], maximize=group["maximize"],
+                                 cache=self._kernel_cache)
+        if done is None:
+            return False
+        rest, counts = done
+        if counts is not None:
+            self._note_nonfinite(counts)
+        if rest:  # the tensors the kernel cannot take, on the torch path
+            rest = self._drop_nonfinite(rest)
+            if rest:
+                self._step_coordinatewise(group, rest)
+        return True
 
     def _init_group_state(self, group: dict, params: list[Tensor]) -> None:
         fresh = [p for p in params if len(self.state[p]) == 0]

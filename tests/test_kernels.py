@@ -41,7 +41,7 @@ def case(name, rule, **kw):
     spec = {"name": name, "rule": rule, "config": {}, "shapes": [[37], [3, 5]], "steps": 10,
             "state_dtype": "float32", "param_dtype": "float32", "lr": 1.0, "maximize": False,
             "layouts": None, "late": {}, "groups": None, "nan_at": None, "block": None, "tol": FP32_TOL,
-            "sync": False, "swap_at": None, "step_rows": None}
+            "sync": False, "swap_at": None, "step_rows": None, "none_at": {}, "strided_at": None, "redict_at": None}
     spec.update(kw)
     return spec
 
@@ -77,6 +77,10 @@ def interpreter_cases() -> list[dict]:
         out.append(case(f"{rule}-state-float64-falls-back", rule, steps=4, state_dtype="float64"))
         # state tensors and parameter storage replaced between steps: the kernel's cached plan must notice
         out.append(case(f"{rule}-replaced-tensors", rule, steps=5, shapes=[[12], [2, 8]], swap_at=[2, 3]))
+        # what the fast path of later steps relies on, changed between steps: a gradient gone and back, a strided
+        # gradient for one step, every state dict replaced by a copy
+        out.append(case(f"{rule}-fast-path-changes", rule, steps=8, shapes=[[12], [2, 8], [5]],
+                        none_at={2: [1], 3: [0, 2]}, strided_at=[5, 1], redict_at=6))
     # other configurations, freshly initialised (their updates cancel more: the torch path's own distance to
     # float64 is ~1e-5 there, so the bound is 1e-4)
     out.append(case("dm-small-1-layer", "dm", steps=8, config={"hidden_size": 8, "num_layers": 1}, tol=1e-4))
@@ -160,12 +164,22 @@ def run_pair(spec: dict, device: str) -> dict:
         os.environ["LEARNED_OPTIM_TRITON_BLOCK"] = str(spec["block"])
     from learned_optim.kernels import lstm
 
-    saved_rows = lstm._STEP_ROWS
+    saved_rows, saved_fast = lstm._STEP_ROWS, lstm.fast_step
     lstm._STEP_ROWS = spec["step_rows"] or saved_rows
+    taken = []
+
+    def counted(*args, **kwargs):  # how many group steps went through a recorded fast plan
+        out = saved_fast(*args, **kwargs)
+        taken.append(out is not None)
+        return out
+
+    lstm.fast_step = counted
     try:
-        return _run_pair(spec, device)
+        result = _run_pair(spec, device)
+        result["fast_steps"], result["full_steps"] = sum(taken), len(taken) - sum(taken)
+        return result
     finally:
-        lstm._STEP_ROWS = saved_rows
+        lstm._STEP_ROWS, lstm.fast_step = saved_rows, saved_fast
         os.environ.pop("LEARNED_OPTIM_TRITON_BLOCK", None)
         if saved_block is not None:
             os.environ["LEARNED_OPTIM_TRITON_BLOCK"] = saved_block
@@ -182,13 +196,19 @@ def _run_pair(spec: dict, device: str) -> dict:
     steps_equal = True
     for step in range(spec["steps"]):
         for i, (a, b, lay) in enumerate(zip(pa, pb, layouts)):
-            if step < spec["late"].get(i, 0):
+            if step < spec["late"].get(i, 0) or i in spec["none_at"].get(step, ()):
                 a.grad = b.grad = None
                 continue
             g = _grad(a, lay, gen, 0.1)
             if spec["nan_at"] is not None and spec["nan_at"] == [step, i]:
                 g.view(-1)[0] = float("nan")
             a.grad, b.grad = g.clone(memory_format=torch.preserve_format), g.clone(memory_format=torch.preserve_format)
+            if spec["strided_at"] == [step, i]:  # same values, every other element of a buffer twice the size
+                b.grad = torch.zeros(2 * g.numel(), dtype=g.dtype, device=g.device)[::2].view(g.shape).copy_(g)
+        if spec["redict_at"] == step:
+            for params, opt in ((pa, oa), (pb, ob)):
+                for p in params:
+                    opt.state[p] = dict(opt.state[p])
         if spec["swap_at"] and step in spec["swap_at"]:
             with torch.no_grad():
                 for params, opt in ((pa, oa), (pb, ob)):
@@ -346,6 +366,10 @@ def worker() -> None:
 def check(spec: dict, result: dict) -> None:
     assert "error" not in result, result.get("error")
     assert result["steps_equal"], result
+    if spec["name"].endswith("-fast-path-changes"):  # the changes send some steps back to the full path
+        assert result["fast_steps"] >= 1 and result["full_steps"] >= 3, result
+    elif spec["steps"] >= 20 and spec["state_dtype"] != "float64":  # later steps take the group's fast plan
+        assert result["fast_steps"] >= spec["steps"] - 5, result
     if spec["sync"] or spec["state_dtype"] in ("float32", "float64"):  # the same update from the same parameter
         assert result["param"] <= PARAM_TOL[spec["param_dtype"]], result
     if spec["sync"]:  # same state in: the update agrees to float32 precision, the stored state to one ulp

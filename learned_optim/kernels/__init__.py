@@ -167,10 +167,22 @@ def use_kernel(backend: str, rule, device: torch.device) -> bool:
     return True
 
 
-def lstm_step(rule, params, state, *, lr: float, maximize: bool, flat_pair, cache: dict) -> tuple:
+def lstm_step(rule, params, state, *, lr: float, maximize: bool, flat_pair, cache: dict, group_params=None) -> tuple:
     """Run the fused L2O-DM / RNNprop step on ``params``; returns those left for the torch path and the device
-    count of tensors it skipped for a non-finite gradient (None when it launched nothing)."""
-    return _module().lstm_step(rule, params, state, lr=lr, maximize=maximize, flat_pair=flat_pair, cache=cache)
+    count of tensors it skipped for a non-finite gradient (None when it launched nothing). With
+    ``group_params`` (the group's list: every tensor of it was passed, or has no gradient) it also records the
+    group's fast plan for :func:`fast_step`."""
+    return _module().lstm_step(rule, params, state, lr=lr, maximize=maximize, flat_pair=flat_pair, cache=cache,
+                               group_params=group_params)
 
 
-__all__ = ["BACKENDS", "check_backend", "interpreter_enabled", "lstm_step", "triton_available", "use_kernel"]
+def fast_step(rule, group_params, state, *, lr: float, maximize: bool, cache: dict):
+    """The next step of a group through its recorded fast plan, or None when the full path must run (see
+    ``lstm.fast_step``). Never imports Triton: without a recorded plan there is nothing to do."""
+    if not any(k[0] == "fast" for k in cache):
+        return None
+    return _module().fast_step(rule, group_params, state, lr=lr, maximize=maximize, cache=cache)
+
+
+__all__ = ["BACKENDS", "check_backend", "fast_step", "interpreter_enabled", "lstm_step", "triton_available",
+           "use_kernel"]

@@ -6,7 +6,10 @@ before that for the interpreter (CPU tensors). See ``learned_optim.kernels`` for
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import math
+import operator
 import os
 from array import array
 from typing import Sequence
@@ -247,7 +250,7 @@ def _block_map(numels: tuple[int, ...], block: int, device: torch.device, cache:
 
 
 def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximize: bool, flat_pair,
-              cache: dict) -> list[Tensor]:
+              cache: dict, group_params: list | None = None) -> tuple[list[Tensor], Tensor | None]:
     """Step ``params`` (one param group, finite gradients, state initialised) with the fused kernel.
 
     ``state`` is the optimizer's ``self.state``; ``flat_pair(p)`` gives (flat gradient, flat target, buffer)
@@ -266,6 +269,9 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
     tensors. Every step re-checks, per tensor, what can change between steps -- the gradient (its pointer and
     layout), the parameter's storage, the identity of its state tensors, the state dict itself -- and scans
     afresh on any change; only the gradient pointers are new in the table of a valid plan.
+
+    With ``group_params`` (the param group's list), a reusable plan is also recorded for :func:`fast_step`,
+    which takes the next steps of the same group in one pass over its list.
     """
     device = params[0].device
     cfg = launch_config()
@@ -283,6 +289,14 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
         else:
             cache.pop(key, None)
         grads = plan["grads"]
+    if group_params is not None:
+        _record_fast(cache, plan if plan["reusable"] else None, rule, group_params, state)
+    return _launch(rule, plan, grads, lr, maximize, device, cfg)
+
+
+def _launch(rule: Rule, plan: dict, grads: list[int], lr: float, maximize: bool, device: torch.device,
+            cfg: dict) -> tuple[list[Tensor], Tensor | None]:
+    block = cfg["BLOCK"]
     weights = array("q", [w.data_ptr() for w in _weight_tensors(rule)])
     is_rnnprop = isinstance(rule, RNNpropRule)
     if is_rnnprop:  # the kernel computes 1 - beta^step = 1 - exp2(step * log2(beta)) per tensor
@@ -296,7 +310,7 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
         for launch in plan["launches"]:
             table = array("q", launch["table"])
             table[:nw] = weights
-            table[nw::_NCOL] = array("q", [grads[i] for i in launch["rows"]])
+            table[nw::_NCOL] = array("q", grads if launch["every_row"] else [grads[i] for i in launch["rows"]])
             table_t = torch.frombuffer(table, dtype=torch.int64)
             # to a GPU through pinned memory, queued on the stream (a pageable copy would wait for the stream)
             table_t = (table_t.pin_memory().to(device, non_blocking=True) if device.type == "cuda"
@@ -320,6 +334,105 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
             target = torch.view_as_real(p) if p.is_complex() else p
             target.add_(buffer.view(target.shape))
     return plan["rest"], (plan["counts"] if plan["launches"] else None)
+
+
+# how a tensor of a param group took part in the step a fast plan was recorded from
+_ROW, _REST, _NO_GRAD, _EMPTY = range(4)
+
+
+def _record_fast(cache: dict, plan: dict | None, rule: Rule, group_params: list, state) -> None:
+    """Record (or, for ``plan=None``, drop) the fast plan of a param group: which of its tensors are the plan's
+    rows (with what their check needs, as columns), which have no gradient, are empty or are left to the torch
+    path, and the state dict's keys and values as they are now."""
+    key = ("fast", id(group_params))
+    if plan is None:
+        cache.pop(key, None)
+        return
+    rows = {id(r[0]): i for i, r in enumerate(plan["rows"])}
+    rest = {id(p) for p in plan["rest"]}
+    row_idx, others = [], []
+    for i, p in enumerate(group_params):
+        if id(p) in rows:
+            row_idx.append(i)
+        elif id(p) in rest:
+            others.append((i, _REST, p))
+        elif p.grad is None or p.numel() == 0:
+            others.append((i, _NO_GRAD if p.grad is None else _EMPTY, p))
+        else:  # a tensor this step did not take (e.g. dropped by the caller): no fast plan
+            cache.pop(key, None)
+            return
+    if [group_params[i] for i in row_idx] != [r[0] for r in plan["rows"]] and not all(
+            group_params[i] is r[0] for i, r in zip(row_idx, plan["rows"])):
+        cache.pop(key, None)  # rows out of the group's order (cannot happen: params keep the group's order)
+        return
+    cols = list(zip(*plan["rows"])) if plan["rows"] else [()] * 7
+    if sum(1 for k in cache if k[0] == "fast") >= 8:
+        for k in [k for k in cache if k[0] == "fast"]:
+            del cache[k]
+    cache[key] = {"plan": plan, "rule": rule, "params": group_params, "members": list(group_params),
+                  "row_idx": None if len(row_idx) == len(group_params) else row_idx, "others": others,
+                  "row_params": list(cols[0]), "sts": list(cols[1]), "rnns": list(cols[2]),
+                  "mvs": None if cols[3] and cols[3][0] is None else list(cols[3]), "steps": list(cols[4]),
+                  "pptrs": list(cols[5]), "aligned": list(cols[6]), "any_aligned": any(cols[6]),
+                  "state": state, "keys": list(state), "values": list(state.values()), "block": plan["block"]}
+
+
+_GRAD = operator.attrgetter("grad")
+_RNN, _MV, _STEP = operator.itemgetter("rnn"), operator.itemgetter("mv"), operator.itemgetter("step")
+
+
+def fast_step(rule: Rule, group_params: list, state, *, lr: float, maximize: bool,
+              cache: dict) -> tuple[list[Tensor], Tensor | None] | None:
+    """Step a param group through the fast plan recorded at an earlier step; None (nothing done) when there
+    is no such plan or anything it relies on changed, and the caller takes the full path, which scans again.
+
+    It checks what :func:`lstm_step`'s plan check does -- for each tensor its gradient (present or absent as
+    before, a plain contiguous tensor, alignment), parameter storage and state tensors -- and that the group's
+    list holds the same tensors, and the state dict the same keys and values in the same order; every check
+    is a comparison of whole lists, iterated in C (``map``), not a Python loop over the tensors."""
+    fast = cache.get(("fast", id(group_params)))
+    if (fast is None or fast["params"] is not group_params or fast["rule"] is not rule
+            or fast["state"] is not state or len(group_params) != len(fast["members"])):
+        return None
+    cfg = launch_config()
+    if cfg["BLOCK"] != fast["block"]:
+        return None
+    keys, values = fast["keys"], fast["values"]
+    is_ = operator.is_
+    if (len(state) != len(keys) or not all(map(is_, state, keys)) or not all(map(is_, state.values(), values))
+            or not all(map(is_, group_params, fast["members"]))):
+        return None
+    grads = list(map(_GRAD, group_params))
+    rest: list[Tensor] = []
+    try:
+        for i, kind, p in fast["others"]:
+            g = grads[i]
+            if kind == _NO_GRAD:
+                if g is not None:
+                    return None
+            elif kind == _REST:
+                if g is None or g.is_sparse:
+                    return None
+                rest.append(p)
+            elif g is None or p.numel() != 0:  # _EMPTY: a gradient on a tensor without coordinates
+                return None
+        row_idx = fast["row_idx"]
+        if row_idx is not None:
+            grads = [grads[i] for i in row_idx]
+        n = len(grads)
+        if (not all(map(is_, map(type, grads), itertools.repeat(Tensor, n))) or not all(map(Tensor.is_contiguous, grads))
+                or list(map(Tensor.data_ptr, fast["row_params"])) != fast["pptrs"]
+                or not all(map(is_, map(_RNN, fast["sts"]), fast["rnns"]))
+                or not all(map(is_, map(_STEP, fast["sts"]), fast["steps"]))
+                or (fast["mvs"] is not None and not all(map(is_, map(_MV, fast["sts"]), fast["mvs"])))):
+            return None
+        ptrs = list(map(Tensor.data_ptr, grads))
+    except (KeyError, RuntimeError):  # e.g. a state dict emptied in place, a sparse CSR gradient
+        return None
+    if fast["any_aligned"] and functools.reduce(operator.or_, itertools.compress(ptrs, fast["aligned"]), 0) & 15:
+        return None  # a gradient lost the alignment of its vectorised launch
+    _, counts = _launch(rule, fast["plan"], ptrs, lr, maximize, group_params[0].device, cfg)
+    return rest, counts
 
 
 def _scan(rule: Rule, params: Sequence[Tensor], state, flat_pair, block: int, device: torch.device,
@@ -381,10 +494,10 @@ def _scan(rule: Rule, params: Sequence[Tensor], state, flat_pair, block: int, de
         launches.append({"kind": kind, "rows": [e[0] for e in entries], "table": table, "blocks": first,
                          "block_map": _block_map(tuple(numels), block, device, cache),
                          "skip": torch.zeros(len(entries), dtype=torch.int32, device=device),  # cleared after use
-                         "count_at": count_at})
+                         "count_at": count_at, "every_row": len(classes) == 1})
         count_at += -(-len(entries) // _STEP_ROWS)
     return {"state": state, "rows": rows, "grads": grads, "launches": launches, "rest": rest, "buffers": buffers,
-            "keep": keep, "reusable": reusable, "counts": torch.zeros(count_at, dtype=torch.int32, device=device)}
+            "keep": keep, "reusable": reusable, "block": block, "counts": torch.zeros(count_at, dtype=torch.int32, device=device)}
 
 
 def _check_plan(plan: dict, params: Sequence[Tensor], state) -> list[int] | None:
