@@ -32,6 +32,7 @@ from step import LEARNED, SIZES, env_info, layout, parse_sizes, summary  # noqa:
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import learned_optim  # noqa: E402
 from learned_optim import kernels  # noqa: E402
 
 
@@ -64,7 +65,7 @@ def run_case(size: str, shape: str, models: list[str], repeats: int, steps: int)
     for name in models:
         params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
         grads = [[torch.randn(s, generator=gen) * 1e-3 for s in shapes] for _ in range(2)]
-        opt = LEARNED[name](params, backend="auto")
+        opt = LEARNED[name](params, learned_optim.build_rule(name), backend="auto")  # fresh: the cost is the same
         cases[name] = (params, grads, opt)
 
     def fused(name):
@@ -91,6 +92,9 @@ def run_case(size: str, shape: str, models: list[str], repeats: int, steps: int)
     for run in runners.values():  # first steps: state and plan built
         for i in range(3):
             run(i)
+    for name in models:  # what is timed must be the fused path's fast plan, not the torch path
+        if not any(k[0] == "fast" for k in cases[name][2]._kernel_cache):
+            raise RuntimeError(f"{name}: step() did not take the fused path's fast plan; nothing to measure")
     times = {name: [] for name in runners}
     for r in range(repeats):
         order = list(runners)[r % len(runners):] + list(runners)[:r % len(runners)]

@@ -2,9 +2,9 @@
 # One command for a machine with a CUDA GPU: the `cuda` tests, then the step() benchmark at 1M, 10M and
 # 100M parameters (one matrix and many tensors; L2O-DM, RNNprop, L2O-Scale next to Adam; the torch and the
 # Triton backends, the torch backend of DM/RNNprop skipped at 100M), a sweep of the fused kernel's launch
-# configuration at 10M, the meta-training step with populations of 1, 8 and 64 optimizees, and the batched
-# evaluation against one seed at a time. Everything lands in one folder (default
-# benchmarks/results/gpu): a log per stage, the JSON of each benchmark, junit XML of the tests and
+# configuration at 10M, the meta-training step with populations of 1, 8 and 64 optimizees, the batched
+# evaluation against one seed at a time, and the fused step's host cost on this machine's CPU. Everything lands
+# in one folder (default benchmarks/results/gpu): a log per stage, the JSON of each benchmark, junit XML of the tests and
 # summary.json (the bar: DM/RNNprop step within 2x the bandwidth floor at 10M and 3x at 1M, many tensors
 # within 1.5x one matrix). Each stage has a time cap so that the whole run stays under 8 minutes on an H200;
 # META_COMPILE=1 adds up to 4 minutes: the meta-step's time and memory with the rule through torch.compile
@@ -96,6 +96,8 @@ if [ "${META_COMPILE:-0}" = 1 ]; then  # opt-in (about a minute of compilation):
 fi
 stage evaluate-speed 40 python benchmarks/evaluate_speed.py --device cuda --optimizers adam,dm,rnnprop --steps 1000 \
     --out "$OUT/evaluate_speed.json"
+# the host side of the fused step on this machine's CPU (launches stubbed; a few seconds)
+stage step-host 10 python benchmarks/step_host.py --sizes 1M --repeats 10 --steps 5 --out "$OUT/step_host.json"
 
 python - "$OUT" <<'EOF' | tee "$OUT/summary.json"
 import json, sys

@@ -485,6 +485,25 @@ def test_auto_on_cpu_takes_the_torch_path_without_importing_the_kernel(monkeypat
     assert calls == [] and opt.state[params[0]]["step"].device.type == "cpu"
 
 
+def test_host_cost_benchmark_times_the_fast_plan(tmp_path):
+    """benchmarks/step_host.py: the fused path with its launches stubbed (no GPU, no interpreter needed)."""
+    import importlib.util
+
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    spec = importlib.util.spec_from_file_location("bench_step_host", REPO / "benchmarks" / "step_host.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--sizes", "10k", "--repeats", "2", "--steps", "2", "--out", str(tmp_path / "host.json")])
+    assert [(c["shape"], sorted(c["results"])) for c in out["cases"]] == [
+        ("matrix", ["dm", "rnnprop", "walk"]), ("many", ["dm", "rnnprop", "walk"])]
+    assert json.loads((tmp_path / "host.json").read_text())["cases"][1]["num_tensors"] > 1
+    from learned_optim.kernels import lstm
+
+    assert isinstance(lstm._lstm_step_kernel, type(lstm._nonfinite_kernel)) and not isinstance(
+        lstm._lstm_step_kernel, bench._NoLaunch)  # the stubs are gone afterwards
+
+
 def test_backend_survives_pickling():
     opt = learned_optim.L2ODM(_params(), learned_optim.build_rule("dm"), backend="torch")
     assert copy.deepcopy(opt).backend == "torch"
