@@ -55,9 +55,9 @@ after):
   register cap per thread (none).
   Compiled for sm_90a without a GPU (``lstm.compile_for``, ptxas of the Triton wheel; every variant and
   launch configuration in ``benchmarks/kernel_resources.py``), with Triton 3.8.0 the default fp32 variant
-  uses 255 registers per thread (so at most two programs of 4 warps per SM) with 64 B (DM) / 196 B (RNNprop)
-  of spills per thread and 16 KB of shared memory (Triton 3.6.0: 40 / 72 B, 8 / 16 KB); "tf32" needs 144 /
-  172 registers and no spills but is not accurate enough; "ieee" spills kilobytes. The default suite
+  uses 255 registers per thread (so at most two programs of 4 warps per SM) with 48 B (DM) / 148 B (RNNprop)
+  of spills per thread and 16 KB of shared memory (Triton 3.6.0: 52 / 68 B, 8 / 16 KB); "tf32" needs 168 /
+  178 registers and no spills but is not accurate enough; "ieee" spills kilobytes. The default suite
   compiles two variants this way, which the interpreter cannot check.
   ``benchmarks/step.py --triton-configs`` times other launch configurations side by side;
   ``lstm.precompile()`` fills Triton's cache for every dtype variant in parallel processes.
