@@ -58,6 +58,16 @@ _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 COMPILE_BACKEND = "inductor"
 
 
+def _add_pieces(targets: list[Tensor], updates, lr: float) -> None:
+    """``target += lr * update`` for each pair, the update first rounded to the target's dtype (as ``add_``
+    would be given it): one multi-tensor add when every target is float32."""
+    if all(t.dtype is torch.float32 for t in targets):
+        torch._foreach_add_(targets, list(updates), alpha=lr)
+    else:
+        for t, u in zip(targets, updates):
+            t.add_(u.to(t.dtype), alpha=lr)
+
+
 def _real_view(t: Tensor) -> Tensor:
     """The real coordinates the rule sees: the local shard of a DTensor, complex numbers as pairs."""
     t = _dist.local(t)
@@ -339,15 +349,13 @@ class LearnedOptimizer(Optimizer):
         keys = [k for k, kind in rule.state_kinds().items() if kind == "coord"]
         if self.backend == "compile":
             rule = self._compiled_rule(rule)
-        for p in params:
-            self.state[p]["step"] += 1
+        torch._foreach_add_([self.state[p]["step"] for p in params], 1.0)
         self._chunks_done = 0
         try:
             self._step_chunks(rule, params, keys, lr, sign)
         except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. no C++ compiler for inductor's CPU code
             if self._chunks_done == 0:  # it failed before writing anything: the step is undone
-                for p in params:
-                    self.state[p]["step"] -= 1
+                torch._foreach_sub_([self.state[p]["step"] for p in params], 1.0)
             done = ("nothing was updated" if self._chunks_done == 0 else
                     f"this step was applied to {self._chunks_done} chunk(s) of the group only")
             inner = getattr(exc, "inner_exception", None) or exc
@@ -393,13 +401,13 @@ class LearnedOptimizer(Optimizer):
             step = torch.stack([self.state[p]["step"] for p, _, _ in chunk]).to(g.device)
             step = step.repeat_interleave(lengths, output_size=g.numel())
         update, new_state = rule(g, state, step)
-        offset = 0
-        for p, s, n in chunk:
-            rows = slice(offset, offset + n)
-            for k in keys:
-                self.state[p][k][..., s: s + n].copy_(new_state[k][..., rows])
-            flats[p][1][s: s + n].add_(update[rows].to(flats[p][1].dtype), alpha=lr)
-            offset += n
+        lengths = [n for _, _, n in chunk]
+        # one multi-tensor copy per state key and one multi-tensor add per chunk (on a GPU the add is one launch;
+        # the copies, of row slices, one per piece)
+        for k in keys:
+            torch._foreach_copy_([self.state[p][k][..., s: s + n] for p, s, n in chunk],
+                                 new_state[k].split(lengths, dim=-1))
+        _add_pieces([flats[p][1][s: s + n] for p, s, n in chunk], update.split(lengths), lr)
         self._chunks_done += 1
 
     def _drop_nonfinite(self, params: list[Tensor]) -> list[Tensor]:
@@ -456,8 +464,7 @@ class LearnedOptimizer(Optimizer):
         ck, tk, gk = key["coord"], key["tensor"], f"group_{key['global']}"
         owner = self.state[group["params"][0]]
         device = params[0].device
-        for p in params:
-            self.state[p]["step"] += 1
+        torch._foreach_add_([self.state[p]["step"] for p in params], 1.0)
         step = self.state[params[0]]["step"]
         numels = torch.tensor([p.numel() * (2 if p.is_complex() else 1) for p in params], device=device)  # whole
         pre = rule.pre_sums([self.state[p][ck] for p in params])
@@ -482,10 +489,9 @@ class LearnedOptimizer(Optimizer):
             raw, new_coord, part_sums = rule.coord_stage(g, coord, context, step, columns[0],
                                                          [n for _, _, n in chunk])
             sums.index_add_(1, columns[0], part_sums)
-            offset = 0
-            for i, s, n in chunk:
-                self.state[params[i]][ck][:, s: s + n].copy_(new_coord[:, offset: offset + n])
-                offset += n
+            # one multi-tensor copy per chunk (the pieces are row slices, so on a GPU still a copy per piece)
+            torch._foreach_copy_([self.state[params[i]][ck][:, s: s + n] for i, s, n in chunk],
+                                 new_coord.split([n for _, _, n in chunk], dim=1))
             raws.append((raw, columns))
         sums = _dist.all_reduce_columns(sums, params)
         norm, tensor_new, glob_new = rule.tensor_stage(sums, numels, tensor_h, glob_h)
@@ -494,13 +500,10 @@ class LearnedOptimizer(Optimizer):
                 raw.div_(norm[chunk[0][0]])
             else:
                 raw.div_(norm.index_select(0, columns[0]).repeat_interleave(columns[1], output_size=raw.numel()))
-            offset = 0
-            for i, s, n in chunk:
-                flat_p = flats[params[i]][1]
-                flat_p[s: s + n].add_(raw[offset: offset + n].to(flat_p.dtype), alpha=lr)
-                offset += n
-        for i, p in enumerate(params):
-            self.state[p][tk].copy_(tensor_new[:, i: i + 1])
+            _add_pieces([flats[params[i]][1][s: s + n] for i, s, n in chunk], raw.split([n for _, _, n in chunk]), lr)
+        # dense pieces on both sides, so that on a GPU this is one multi-tensor launch
+        torch._foreach_copy_([self.state[p][tk].view(-1) for p in params], tensor_new.t().contiguous().unbind(0))
+        for p in params:
             buffer = flats[p][2]
             if buffer is not None:
                 _real_view(p).add_(buffer.view(_real_view(p).shape))
