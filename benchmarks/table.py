@@ -101,7 +101,7 @@ def _case(step: dict, size: str, shape: str) -> dict | None:
 
 
 def summary_table(step: dict, meta: dict | None, evaluate: dict | None, size: str = "1M",
-                  compiled: dict | None = None) -> str:
+                  compiled: dict | None = None, host: dict | None = None) -> str:
     """The README's one speed table: step() at ``size`` parameters (one matrix, many tensors), the meta-training
     step (one optimizee, a population of 8; eager, and the speed-up of ``--compile`` from ``compiled``, a
     meta_step.json with ``+compile`` models) and the batched evaluation, each next to its torch reference."""
@@ -153,11 +153,18 @@ def summary_table(step: dict, meta: dict | None, evaluate: dict | None, size: st
             ref = f"Adam {rows['adam']['speedup_batched']:.2f}×" if "adam" in rows else ""
             lines.append("| evaluation, 10 seeds as one population: speed-up over one seed at a time (MLP-orig) | "
                          + " | ".join(cells) + f" | {ref} |")
-    lines += ["", "On a GPU, L2O-DM and RNNprop step with a fused Triton kernel (one launch per param group, and no "
-              "host sync: NaN/Inf gradients are checked on the device) and meta-training and evaluation run populations; these are built and tested (through Triton's "
-              "interpreter on the CPU; the kernel also compiled for an H200, "
-              "`benchmarks/results/kernel_resources_sm90.json`) but not yet timed on a GPU: `scripts/gpu_check.sh` "
-              "measures them on one."]
+    host_note = ""
+    cases = {c["shape"]: c for c in (host or {}).get("cases", []) if c["size"] == size}
+    if "matrix" in cases and "many" in cases:
+        dm = [cases[k]["results"]["dm"]["median_ms"] for k in ("matrix", "many")]
+        host_note = (f"; the host side of a fused step, timed here with its launches stubbed "
+                     f"(`benchmarks/step_host.py`), is {_ms(dm[0])} ms for {size} parameters in one matrix and "
+                     f"{_ms(dm[1])} ms in {cases['many']['num_tensors']} tensors (L2O-DM)")
+    lines += ["", "On a GPU, L2O-DM and RNNprop step with a fused Triton kernel (one per param group, between a "
+              "NaN/Inf check and a step-counter launch: no host sync) and meta-training and evaluation run "
+              "populations; these are built and tested (through Triton's interpreter on the CPU; the kernel also "
+              "compiled for an H200, `benchmarks/results/kernel_resources_sm90.json`) but not yet timed on a GPU: "
+              f"`scripts/gpu_check.sh` measures them on one{host_note}."]
     return "\n".join(lines)
 
 
@@ -181,7 +188,8 @@ def main(argv=None) -> int:
         results = HERE / "results"
         load = lambda name: json.loads((results / name).read_text()) if (results / name).exists() else None  # noqa
         body = summary_table(json.loads(args.step.read_text()), load("meta_step_population.json"),
-                             load("evaluate_speed.json"), compiled=load("meta_step_compile.json"))
+                             load("evaluate_speed.json"), compiled=load("meta_step_compile.json"),
+                             host=load("step_host.json"))
     else:
         body = render(args.step, args.meta)
     print(body)
