@@ -156,3 +156,33 @@ def test_an_unrolled_step_never_waits_for_the_gpu(name):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("name", ["dm", "rnnprop", "scale"])
+def test_the_torch_path_of_step_waits_for_the_gpu_once(name):
+    """``backend="torch"`` (L2O-Scale's only path) on CUDA: step counts and sizes reach the GPU through pinned,
+    non-blocking copies, so the one host synchronisation of a step is the NaN/Inf check's, once per param
+    group, whatever the number of chunks (chunk_size 64 here: many chunks)."""
+    import warnings
+
+    model = _model("cuda")
+    opt = CLASSES[name](model.parameters(), learned_optim.build_rule(name).cuda(), backend="torch", chunk_size=64)
+    xs = torch.randn(3, 16, 10, generator=torch.Generator().manual_seed(1)).cuda()  # no copies inside the steps
+
+    def step(x):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+    step(xs[0])  # state initialised
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(xs[1])
+            step(xs[2])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 2, [f"{w.filename}:{w.lineno}: {w.message}" for w in syncs]
