@@ -288,12 +288,8 @@ class LearnedOptimizer(Optimizer):
     def _fast_step(self, group: dict) -> bool:
         """A fused step of ``group`` through the plan recorded at its last step (one pass over its tensors, no
         state initialisation or gradient filtering needed); False when the full path must run."""
-        params = group["params"]
-        if not params:
-            return False
-        rule = self._rule_on(params[0].device)
-        done = kernels.fast_step(rule, params, self.state, lr=group["lr"], maximize=group["maximize"],
-                                 cache=self._kernel_cache)
+        done = kernels.fast_step(self._rule_on, group["params"], self.state, lr=group["lr"],
+                                 maximize=group["maximize"], cache=self._kernel_cache)
         if done is None:
             return False
         rest, counts = done

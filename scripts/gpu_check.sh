@@ -3,10 +3,11 @@
 # 100M parameters (one matrix and many tensors; L2O-DM, RNNprop, L2O-Scale next to Adam; the torch and the
 # Triton backends, the torch backend of DM/RNNprop skipped at 100M), a sweep of the fused kernel's launch
 # configuration at 10M, the meta-training step with populations of 1, 8 and 64 optimizees, the batched
-# evaluation against one seed at a time, and the fused step's host cost on this machine's CPU. Everything lands
-# in one folder (default benchmarks/results/gpu): a log per stage, the JSON of each benchmark, junit XML of the tests and
-# summary.json (the bar: DM/RNNprop step within 2x the bandwidth floor at 10M and 3x at 1M, many tensors
-# within 1.5x one matrix). Each stage has a time cap so that the whole run stays under 8 minutes on an H200;
+# evaluation against one seed at a time, and the fused step's host cost on this machine's CPU. Everything
+# lands in one folder (default benchmarks/results/gpu): a log per stage, the JSON of each benchmark, junit XML
+# of the tests and summary.json (the bar: DM/RNNprop step within 2x the bandwidth floor at 10M and 3x at 1M,
+# many tensors within 1.5x one matrix). Each stage has a time cap so that the whole run stays under 8 minutes
+# on an H200;
 # META_COMPILE=1 adds up to 4 minutes: the meta-step's time and memory with the rule through torch.compile
 # (meta_train --compile) beside the eager rule.
 #
@@ -83,7 +84,7 @@ stage step-10M 75 "${BENCH[@]}" --sizes 10M --backends torch,triton --repeats 5 
     --out "$OUT/step_10M.json"
 stage step-100M 55 "${BENCH[@]}" --sizes 100M --backends triton --repeats 3 --warmup 1 --bf16-size 100M \
     --no-gemm-floor --out "$OUT/step_100M.json"
-stage sweep-10M 30 python benchmarks/step.py --device cuda --models dm,rnnprop --sizes 10M --shapes matrix \
+stage sweep-10M 25 python benchmarks/step.py --device cuda --models dm,rnnprop --sizes 10M --shapes matrix \
     --backends triton --triton-configs "$SWEEP" --repeats 5 --warmup 1 --bf16-size '' --no-gemm-floor --no-memory \
     --out "$OUT/sweep_10M.json"
 stage meta-step 60 python benchmarks/meta_step.py --device cuda --population 1,8,64 --repeats 10 \

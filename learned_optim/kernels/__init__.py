@@ -181,12 +181,12 @@ def lstm_step(rule, params, state, *, lr: float, maximize: bool, flat_pair, cach
                                group_params=group_params)
 
 
-def fast_step(rule, group_params, state, *, lr: float, maximize: bool, cache: dict):
+def fast_step(rule_on, group_params, state, *, lr: float, maximize: bool, cache: dict):
     """The next step of a group through its recorded fast plan, or None when the full path must run (see
     ``lstm.fast_step``). Never imports Triton: without a recorded plan there is nothing to do."""
     if not any(k[0] == "fast" for k in cache):
         return None
-    return _module().fast_step(rule, group_params, state, lr=lr, maximize=maximize, cache=cache)
+    return _module().fast_step(rule_on, group_params, state, lr=lr, maximize=maximize, cache=cache)
 
 
 __all__ = ["BACKENDS", "check_backend", "fast_step", "interpreter_enabled", "lstm_step", "triton_available",

@@ -366,8 +366,7 @@ def _record_fast(cache: dict, plan: dict | None, rule: Rule, group_params: list,
         else:  # a tensor this step did not take (e.g. dropped by the caller): no fast plan
             cache.pop(key, None)
             return
-    if [group_params[i] for i in row_idx] != [r[0] for r in plan["rows"]] and not all(
-            group_params[i] is r[0] for i, r in zip(row_idx, plan["rows"])):
+    if len(row_idx) != len(plan["rows"]) or not all(group_params[i] is r[0] for i, r in zip(row_idx, plan["rows"])):
         cache.pop(key, None)  # rows out of the group's order (cannot happen: params keep the group's order)
         return
     cols = list(zip(*plan["rows"])) if plan["rows"] else [()] * 7
@@ -386,18 +385,23 @@ _GRAD = operator.attrgetter("grad")
 _RNN, _MV, _STEP = operator.itemgetter("rnn"), operator.itemgetter("mv"), operator.itemgetter("step")
 
 
-def fast_step(rule: Rule, group_params: list, state, *, lr: float, maximize: bool,
+def fast_step(rule_on, group_params: list, state, *, lr: float, maximize: bool,
               cache: dict) -> tuple[list[Tensor], Tensor | None] | None:
     """Step a param group through the fast plan recorded at an earlier step; None (nothing done) when there
     is no such plan or anything it relies on changed, and the caller takes the full path, which scans again.
+    ``rule_on(device)`` gives the rule module for the plan's device (the optimizer's rule or its copy there).
 
     It checks what :func:`lstm_step`'s plan check does -- for each tensor its gradient (present or absent as
     before, a plain contiguous tensor, alignment), parameter storage and state tensors -- and that the group's
     list holds the same tensors, and the state dict the same keys and values in the same order; every check
     is a comparison of whole lists, iterated in C (``map``), not a Python loop over the tensors."""
     fast = cache.get(("fast", id(group_params)))
-    if (fast is None or fast["params"] is not group_params or fast["rule"] is not rule
-            or fast["state"] is not state or len(group_params) != len(fast["members"])):
+    if (fast is None or fast["params"] is not group_params or fast["state"] is not state
+            or len(group_params) != len(fast["members"])):
+        return None
+    device = fast["plan"]["device"]
+    rule = rule_on(device)  # the rule on the plan's device: the same module as when the plan was recorded
+    if rule is not fast["rule"]:
         return None
     cfg = launch_config()
     if cfg["BLOCK"] != fast["block"]:
@@ -425,7 +429,8 @@ def fast_step(rule: Rule, group_params: list, state, *, lr: float, maximize: boo
         if row_idx is not None:
             grads = [grads[i] for i in row_idx]
         n = len(grads)
-        if (not all(map(is_, map(type, grads), itertools.repeat(Tensor, n))) or not all(map(Tensor.is_contiguous, grads))
+        if (not all(map(is_, map(type, grads), itertools.repeat(Tensor, n)))
+                or not all(map(Tensor.is_contiguous, grads))
                 or list(map(Tensor.data_ptr, fast["row_params"])) != fast["pptrs"]
                 or not all(map(is_, map(_RNN, fast["sts"]), fast["rnns"]))
                 or not all(map(is_, map(_STEP, fast["sts"]), fast["steps"]))
@@ -436,7 +441,7 @@ def fast_step(rule: Rule, group_params: list, state, *, lr: float, maximize: boo
         return None
     if fast["any_aligned"] and functools.reduce(operator.or_, itertools.compress(ptrs, fast["aligned"]), 0) & 15:
         return None  # a gradient lost the alignment of its vectorised launch
-    _, counts = _launch(rule, fast["plan"], ptrs, lr, maximize, group_params[0].device, cfg)
+    _, counts = _launch(rule, fast["plan"], ptrs, lr, maximize, device, cfg)
     return rest, counts
 
 
@@ -502,7 +507,8 @@ def _scan(rule: Rule, params: Sequence[Tensor], state, flat_pair, block: int, de
                          "count_at": count_at, "every_row": len(classes) == 1})
         count_at += -(-len(entries) // _STEP_ROWS)
     return {"state": state, "rows": rows, "grads": grads, "launches": launches, "rest": rest, "buffers": buffers,
-            "keep": keep, "reusable": reusable, "block": block, "counts": torch.zeros(count_at, dtype=torch.int32, device=device)}
+            "keep": keep, "reusable": reusable, "block": block, "device": device,
+            "counts": torch.zeros(count_at, dtype=torch.int32, device=device)}
 
 
 def _check_plan(plan: dict, params: Sequence[Tensor], state) -> list[int] | None:
@@ -550,7 +556,8 @@ def _specialisation(v: dict) -> dict:
 
 def _compile(v: dict) -> str:
     _lstm_step_kernel.warmup(
-        torch.int64, torch.int32, torch.int32, 1.0, 1.0, 0.5, 0.5, 1e-8, 0.5, 0.5, 0.01, grid=(1,), **_specialisation(v),
+        torch.int64, torch.int32, torch.int32, 1.0, 1.0, 0.5, 0.5, 1e-8, 0.5, 0.5, 0.01, grid=(1,),
+        **_specialisation(v),
         num_warps=v["warps"], **({"maxnreg": v["maxnreg"]} if v.get("maxnreg") else {}))
     nw = _specialisation(v)["NW"]  # the small launches around the step
     _nonfinite_kernel.warmup(torch.int64, torch.int32, torch.int32, grid=(1,), BLOCK=v["block"],
