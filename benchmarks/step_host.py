@@ -37,10 +37,13 @@ from learned_optim import kernels  # noqa: E402
 
 
 class _NoLaunch:
-    """Stands in for a ``triton.jit`` kernel: ``kernel[grid](*args, **meta)`` does nothing."""
+    """Stands in for a ``triton.jit`` kernel: ``kernel[grid](*args, **meta)`` and ``kernel.warmup`` do nothing."""
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
+
+    def warmup(self, *args, **kwargs):  # the compile check of a freshly scanned plan
+        return None
 
 
 @contextlib.contextmanager

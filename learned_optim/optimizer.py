@@ -177,6 +177,7 @@ class LearnedOptimizer(Optimizer):
         self.backend = backend
         self._kernel_cache: dict = {}
         self._nonfinite_pending: collections.deque = collections.deque()  # (pinned count, CUDA event)
+        self._kernel_off: set = set()  # devices the fused kernel turned out not to run on (backend="auto")
         self._compiled: dict = {}
         self.rule = rule  # run under no_grad; the caller's module is not modified (it may be in training)
         self.weights = None if weights is None else str(weights)
@@ -209,6 +210,7 @@ class LearnedOptimizer(Optimizer):
         for key, value in defaults.items():
             self.__dict__.setdefault(key, value)
         self.__dict__.setdefault("_nonfinite_pending", collections.deque())
+        self.__dict__.setdefault("_kernel_off", set())
         hooks = self._optimizer_load_state_dict_pre_hooks.values()
         if not any(getattr(h, "__name__", "") == _remember_loaded_state.__name__ for h in hooks):
             self.register_load_state_dict_pre_hook(_remember_loaded_state)
@@ -250,7 +252,8 @@ class LearnedOptimizer(Optimizer):
                 loss = closure()
         if self._nonfinite_pending:
             self._report_nonfinite()
-        fast = self._kernel_cache and self.nonfinite == "skip" and self.backend in ("auto", "triton")
+        fast = (self._kernel_cache and self.nonfinite == "skip" and self.backend in ("auto", "triton")
+                and not self._kernel_off)
         for group in self.param_groups:
             if fast and self._fast_step(group):
                 continue
@@ -261,21 +264,28 @@ class LearnedOptimizer(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; use a dense "
                                        "embedding (sparse=False) or torch.optim.SparseAdam for those parameters")
+            device = params[0].device
             fused = (self.rule.coordinatewise and self.backend not in ("torch", "compile")
-                     and kernels.use_kernel(self.backend, self._rule_on(params[0].device), params[0].device))
+                     and device not in self._kernel_off and kernels.use_kernel(self.backend, self._rule_on(device), device))
             if not fused or self.nonfinite == "raise":  # the fused kernel skips non-finite tensors itself
                 params = self._drop_nonfinite(params)
                 if not params:
                     continue
             self._init_group_state(group, params)
             if fused:
-                params, counts = kernels.lstm_step(
-                    self._rule_on(params[0].device), params, self.state, lr=group["lr"], maximize=group["maximize"],
-                    flat_pair=self._flat_pair, cache=self._kernel_cache,
-                    group_params=group["params"] if self.nonfinite == "skip" else None)
+                try:
+                    params, counts = kernels.lstm_step(
+                        self._rule_on(device), params, self.state, lr=group["lr"], maximize=group["maximize"],
+                        flat_pair=self._flat_pair, cache=self._kernel_cache,
+                        group_params=group["params"] if self.nonfinite == "skip" else None)
+                except Exception as exc:
+                    if not kernels.kernel_unavailable(exc):
+                        raise
+                    self._kernel_unavailable(device, exc)  # raises for backend="triton"; nothing was written
+                    counts = None
                 if counts is not None and self.nonfinite == "skip":
                     self._note_nonfinite(counts)
-                if params:  # the tensors the kernel cannot take
+                if params:  # the tensors the kernel cannot take (all of them when it is unavailable)
                     params = self._drop_nonfinite(params) if self.nonfinite == "skip" else params
                     if params:
                         self._step_coordinatewise(group, params)
@@ -284,6 +294,18 @@ class LearnedOptimizer(Optimizer):
             else:
                 self._step_whole_group(group, params)
         return loss
+
+    def _kernel_unavailable(self, device: torch.device, exc: Exception) -> None:
+        """The fused kernel cannot run on ``device``: backend="triton" raises; "auto" warns once and steps that
+        device's tensors on the torch path from now on."""
+        name = type(self).__name__
+        if self.backend == "triton":
+            raise RuntimeError(f"{name}(backend='triton'): the fused kernel cannot run on {device} ({exc}); nothing "
+                               "was updated. Use backend='torch' (or 'auto', which falls back to it)") from exc
+        self._kernel_off.add(device)
+        warnings.warn(f"{name}: the fused Triton kernel cannot run on {device} ({exc}); stepping with the torch "
+                      "path instead (same updates, slower on a GPU). backend='torch' silences this", RuntimeWarning,
+                      stacklevel=6)
 
     def _fast_step(self, group: dict) -> bool:
         """A fused step of ``group`` through the plan recorded at its last step (one pass over its tensors, no

@@ -514,6 +514,68 @@ def test_host_cost_benchmark_times_the_fast_plan(tmp_path):
         lstm._lstm_step_kernel, bench._NoLaunch)  # the stubs are gone afterwards
 
 
+class _Launches:
+    """Stands in for a Triton kernel (no GPU, no interpreter): its compile check passes or raises; a launch fails."""
+
+    def __init__(self, error=None):
+        self.error = error
+
+    def warmup(self, *args, **kwargs):
+        if self.error is not None:
+            raise self.error
+
+    def __getitem__(self, grid):
+        raise AssertionError("a kernel was launched although the compile check failed")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("name", ["dm", "rnnprop"])
+def test_a_kernel_this_gpu_cannot_compile_falls_back_to_the_torch_path(monkeypatch, name):
+    """E.g. TF32 products or bfloat16 on a pre-Ampere GPU: backend="auto" warns once and steps on the torch path,
+    with the torch path's results; backend="triton" raises before anything is updated."""
+    import warnings
+
+    from learned_optim.kernels import lstm
+
+    monkeypatch.setattr(kernels, "use_kernel", lambda backend, rule, device: backend != "torch")
+    monkeypatch.setattr(kernels, "check_backend", lambda backend, rule, params: None)
+    monkeypatch.setattr(lstm, "_nonfinite_kernel", _Launches())
+    monkeypatch.setattr(lstm, "_lstm_step_kernel", _Launches(RuntimeError("simulated: tf32 dot needs sm_80\nmore")))
+    monkeypatch.setattr(lstm, "_advance_steps_kernel", _Launches())
+    rule = learned_optim.build_rule(name)
+    runs = {}
+    for backend in ("torch", "auto"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, 7)), torch.nn.Parameter(torch.randn(3))]
+        opt = learned_optim.LearnedOptimizer(params, rule, backend=backend)
+        caught = []
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            with warnings.catch_warnings(record=True) as got:
+                warnings.simplefilter("always")
+                opt.step()
+            caught.append([str(w.message) for w in got])
+        runs[backend] = (params, opt, caught)
+    (ref, oref, quiet), (got, ogot, warned) = runs["torch"], runs["auto"]
+    assert quiet == [[], [], []]
+    assert len(warned[0]) == 1 and "cannot run on cpu (RuntimeError: simulated: tf32 dot needs sm_80)" in warned[0][0]
+    assert warned[1:] == [[], []]  # once: the device is marked, the kernel is not tried again
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+        for key, value in oref.state[a].items():
+            assert torch.equal(value, ogot.state[b][key]), key
+
+    params = [torch.nn.Parameter(torch.randn(4))]
+    before = params[0].detach().clone()
+    opt = learned_optim.LearnedOptimizer(params, rule, backend="triton")
+    params[0].grad = torch.randn(4)
+    with pytest.raises(RuntimeError, match="backend='triton'.*cannot run on cpu .*nothing was updated"):
+        opt.step()
+    assert torch.equal(params[0], before) and float(opt.state[params[0]]["step"]) == 0.0
+
+
 def test_backend_survives_pickling():
     opt = learned_optim.L2ODM(_params(), learned_optim.build_rule("dm"), backend="torch")
     assert copy.deepcopy(opt).backend == "torch"

@@ -72,7 +72,10 @@ GPU), for L2O-DM and RNNprop on any device; it compiles at the first steps. Tens
 place (tensor subclasses such as DTensor, float64, state that is not a contiguous tensor on the parameter's
 device) are stepped on the torch path in the same ``step()``; parameters with gaps (e.g. a strided slice) go
 through one update buffer, as on the torch path. The state layout is the torch path's, so state dicts move
-freely between backends.
+freely between backends. Before a freshly scanned plan's first launch every kernel variant it needs is
+compiled and loaded (Triton's warm-up): a GPU that cannot run one (TF32 products or bfloat16 before Ampere,
+too little shared memory) is found before anything is written; then ``"auto"`` warns once and steps that
+device's tensors on the torch path, and ``"triton"`` raises.
 """
 from __future__ import annotations
 
@@ -181,6 +184,13 @@ def lstm_step(rule, params, state, *, lr: float, maximize: bool, flat_pair, cach
                                group_params=group_params)
 
 
+def kernel_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` is the fused path's "this GPU cannot compile or load a kernel variant" (raised before
+    anything was written), without importing Triton for the question."""
+    module = _loaded_module()
+    return module is not None and isinstance(exc, module.KernelUnavailable)
+
+
 def fast_step(rule_on, group_params, state, *, lr: float, maximize: bool, cache: dict):
     """The next step of a group through its recorded fast plan, or None when the full path must run (see
     ``lstm.fast_step``). Never imports Triton: without a recorded plan there is nothing to do."""
@@ -189,5 +199,5 @@ def fast_step(rule_on, group_params, state, *, lr: float, maximize: bool, cache:
     return _module().fast_step(rule_on, group_params, state, lr=lr, maximize=maximize, cache=cache)
 
 
-__all__ = ["BACKENDS", "check_backend", "fast_step", "interpreter_enabled", "lstm_step", "triton_available",
-           "use_kernel"]
+__all__ = ["BACKENDS", "check_backend", "fast_step", "interpreter_enabled", "kernel_unavailable", "lstm_step",
+           "triton_available", "use_kernel"]

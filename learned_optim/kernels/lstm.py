@@ -284,7 +284,8 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
     key = ("plan", block, tuple(map(id, params)))
     plan = cache.get(key)
     grads = _check_plan(plan, params, state) if plan is not None else None
-    if grads is None:
+    fresh = grads is None
+    if fresh:
         plan = _scan(rule, params, state, flat_pair, block, device, cache)
         if plan["reusable"]:
             if sum(1 for k in cache if k[0] == "plan") >= 8:  # a few groups / layouts at most
@@ -294,13 +295,28 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
         else:
             cache.pop(key, None)
         grads = plan["grads"]
+    try:
+        out = _launch(rule, plan, grads, lr, maximize, device, cfg, check=fresh)
+    except KernelUnavailable:
+        cache.pop(key, None)
+        if group_params is not None:
+            _record_fast(cache, None, rule, group_params, state)
+        raise
     if group_params is not None:
         _record_fast(cache, plan if plan["reusable"] else None, rule, group_params, state)
-    return _launch(rule, plan, grads, lr, maximize, device, cfg)
+    return out
+
+
+class KernelUnavailable(RuntimeError):
+    """A kernel variant a step needs cannot be compiled or loaded on this device (e.g. TF32 products or
+    bfloat16 on a GPU older than Ampere, or too little shared memory); raised before anything is written."""
 
 
 def _launch(rule: Rule, plan: dict, grads: list[int], lr: float, maximize: bool, device: torch.device,
-            cfg: dict) -> tuple[list[Tensor], Tensor | None]:
+            cfg: dict, check: bool = False) -> tuple[list[Tensor], Tensor | None]:
+    """Launch the plan's kernels. With ``check`` (a freshly scanned plan), every kernel variant is first
+    compiled and loaded for the device (Triton's warm-up, no launch), so that a variant this GPU cannot run
+    raises :class:`KernelUnavailable` before any launch has modified a parameter or the state."""
     block = cfg["BLOCK"]
     weights = array("q", [w.data_ptr() for w in _weight_tensors(rule)])
     is_rnnprop = isinstance(rule, RNNpropRule)
@@ -312,6 +328,7 @@ def _launch(rule: Rule, plan: dict, grads: list[int], lr: float, maximize: bool,
     nw = len(weights)
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
+        calls = []  # per launch: (kernel, grid, args, meta) of its three kernels
         for launch in plan["launches"]:
             table = array("q", launch["table"])
             table[:nw] = weights
@@ -321,20 +338,34 @@ def _launch(rule: Rule, plan: dict, grads: list[int], lr: float, maximize: bool,
             table_t = (table_t.pin_memory().to(device, non_blocking=True) if device.type == "cuda"
                        else table_t.to(device))
             p_dtype, g_dtype, s_dtype, vec = launch["kind"]
-            skip = launch["skip"]
-            _nonfinite_kernel[(launch["blocks"],)](table_t, launch["block_map"], skip, BLOCK=block,
-                                                   G_DTYPE=_TL_DTYPES[g_dtype], NW=nw, NCOL=_NCOL, num_warps=2)
-            _lstm_step_kernel[(launch["blocks"],)](
-                table_t, launch["block_map"], skip, float(lr), -1.0 if maximize else 1.0, *map(float, consts),
-                float(rule.output_scale),
-                RULE=_RULE_IDS[rule.name], NUM_LAYERS=rule.num_layers, H=rule.hidden_size,
-                HP=max(16, triton.next_power_of_2(rule.hidden_size)), BLOCK=block, G_DTYPE=_TL_DTYPES[g_dtype],
-                P_DTYPE=_TL_DTYPES[p_dtype], S_DTYPE=_TL_DTYPES[s_dtype], PRECISION=cfg["PRECISION"],
-                NW=nw, NCOL=_NCOL, VEC=vec, num_warps=cfg["num_warps"],
-                **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}))
-            rows = len(launch["rows"])
-            _advance_steps_kernel[(-(-rows // _STEP_ROWS),)](table_t, skip, plan["counts"][launch["count_at"]:], rows,
-                                                             NW=nw, NCOL=_NCOL, R=_STEP_ROWS, num_warps=4)
+            skip, rows = launch["skip"], len(launch["rows"])
+            calls += [
+                (_nonfinite_kernel, (launch["blocks"],), (table_t, launch["block_map"], skip),
+                 dict(BLOCK=block, G_DTYPE=_TL_DTYPES[g_dtype], NW=nw, NCOL=_NCOL, num_warps=2)),
+                (_lstm_step_kernel, (launch["blocks"],),
+                 (table_t, launch["block_map"], skip, float(lr), -1.0 if maximize else 1.0, *map(float, consts),
+                  float(rule.output_scale)),
+                 dict(RULE=_RULE_IDS[rule.name], NUM_LAYERS=rule.num_layers, H=rule.hidden_size,
+                      HP=max(16, triton.next_power_of_2(rule.hidden_size)), BLOCK=block, G_DTYPE=_TL_DTYPES[g_dtype],
+                      P_DTYPE=_TL_DTYPES[p_dtype], S_DTYPE=_TL_DTYPES[s_dtype], PRECISION=cfg["PRECISION"],
+                      NW=nw, NCOL=_NCOL, VEC=vec, num_warps=cfg["num_warps"],
+                      **({"maxnreg": cfg["maxnreg"]} if cfg["maxnreg"] else {}))),
+                (_advance_steps_kernel, (-(-rows // _STEP_ROWS),),
+                 (table_t, skip, plan["counts"][launch["count_at"]:], rows),
+                 dict(NW=nw, NCOL=_NCOL, R=_STEP_ROWS, num_warps=4)),
+            ]
+        if check:
+            for kernel, grid, args, meta in calls:
+                try:
+                    compiled = kernel.warmup(*args, grid=grid, **meta)
+                    init = getattr(compiled, "_init_handles", None)  # load it on the GPU: resource limits
+                    if init is not None:
+                        init()
+                except Exception as exc:  # noqa: BLE001 -- whatever Triton raises, nothing was written yet
+                    first = (str(exc).strip().splitlines() or [""])[0][:300]
+                    raise KernelUnavailable(f"{type(exc).__name__}: {first}") from exc
+        for kernel, grid, args, meta in calls:
+            kernel[grid](*args, **meta)
         for p, buffer in plan["buffers"]:  # zero where skipped: the kernel masked those tensors' stores
             target = torch.view_as_real(p) if p.is_complex() else p
             target.add_(buffer.view(target.shape))
