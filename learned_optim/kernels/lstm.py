@@ -364,8 +364,13 @@ def _launch(rule: Rule, plan: dict, grads: list[int], lr: float, maximize: bool,
                 except Exception as exc:  # noqa: BLE001 -- whatever Triton raises, nothing was written yet
                     first = (str(exc).strip().splitlines() or [""])[0][:300]
                     raise KernelUnavailable(f"{type(exc).__name__}: {first}") from exc
-        for kernel, grid, args, meta in calls:
-            kernel[grid](*args, **meta)
+        try:
+            for kernel, grid, args, meta in calls:
+                kernel[grid](*args, **meta)
+        except Exception:  # e.g. a launch configuration changed between steps and does not compile
+            for launch in plan["launches"]:
+                launch["skip"].zero_()  # flags a check may have set, which its step never cleared
+            raise
         for p, buffer in plan["buffers"]:  # zero where skipped: the kernel masked those tensors' stores
             target = torch.view_as_real(p) if p.is_complex() else p
             target.add_(buffer.view(target.shape))
