@@ -243,6 +243,9 @@ class LearnedOptimizer(Optimizer):
         return compiled[1]
 
     # ------------------------------------------------------------------ step
+    # torch.compile of a training step that calls step(): dynamo leaves the step out of its graphs and runs it
+    # eagerly (its plans, chunks and kernel launches are host-side work that tracing would only re-guard)
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""

@@ -451,6 +451,37 @@ def test_compiled_training_step(name):
     assert ((model(x) - y) ** 2).mean().item() < first
 
 
+@pytest.mark.parametrize("name", ["dm", "scale"])
+def test_compiling_a_whole_training_step_leaves_step_eager(name):
+    """torch.compile of a function that also calls opt.step(): dynamo runs the step eagerly (it is
+    ``torch.compiler.disable``d) instead of tracing its host-side work anew at every step, and the losses are
+    the eager loop's."""
+    from torch._dynamo.utils import counters
+
+    def run(compiled: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
+        x, y = torch.randn(16, 6), torch.randn(16, 1)
+        opt = make(name, model.parameters())
+
+        def train_step():
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        fn = torch.compile(train_step, backend="aot_eager") if compiled else train_step
+        return [fn().item() for _ in range(6)]
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = run(True)
+    graphs = counters["stats"]["unique_graphs"]
+    assert compiled == pytest.approx(run(False), rel=1e-6, abs=1e-7)
+    assert graphs <= 3, graphs  # the model's forward/backward around a graph break; the step traced: 12 or more
+
+
 # ------------------------------------------------------------------------------ property tests
 shapes = st.lists(st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple), min_size=1, max_size=5)
 
