@@ -482,6 +482,43 @@ def test_compiling_a_whole_training_step_leaves_step_eager(name):
     assert graphs <= 3, graphs  # the model's forward/backward around a graph break; the step traced: 12 or more
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_scaler_and_autocast_drive_the_optimizer(name):
+    """Mixed precision as in torch.optim: GradScaler unscales the gradients before step() (the losses follow
+    the unscaled loop's), and skips step() when its scaled gradients overflow (nothing changes)."""
+    def run(scaled: bool) -> tuple[list[float], nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+        x, y = torch.randn(16, 6), torch.randn(16, 1)
+        opt = make(name, model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=scaled)
+        losses = []
+        for _ in range(4):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=scaled):
+                loss = ((model(x).float() - y) ** 2).mean()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(loss.item())
+        return losses, model, opt
+
+    scaled, model, opt = run(True)
+    plain, _, _ = run(False)
+    assert scaled == pytest.approx(plain, rel=0.05)  # bf16 autocast: close, not equal
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    before = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    scaler.scale((model(torch.randn(2, 6)) ** 2).mean()).backward()
+    next(model.parameters()).grad[0, 0] = float("inf")  # as an overflow of the scaled gradients leaves it
+    scaler.step(opt)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    for pid, entry in state["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, opt.state_dict()["state"][pid][key]), key
+
+
 # ------------------------------------------------------------------------------ property tests
 shapes = st.lists(st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple), min_size=1, max_size=5)
 
