@@ -463,9 +463,9 @@ class LearnedOptimizer(Optimizer):
             self._report_nonfinite(stacklevel=6)
             return
         host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
-        host.copy_(counts, non_blocking=True)
+        host.copy_(counts, non_blocking=True)  # on the counts' device's current stream, behind the step
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(counts.device))
         self._nonfinite_pending.append((host, event))
 
     def _report_nonfinite(self, stacklevel: int = 5) -> None:
