@@ -384,6 +384,7 @@ def run_case(size: str, shape: str, args, device: torch.device) -> dict:
     keys = list(fns)
     times: dict[str, list[float]] = {k: [] for k in keys}
     usage = {k: [0.0, 0.0, 0] for k in keys}  # user s, sys s, minor page faults over the timed runs
+    host: dict[str, list[float]] = {k: [] for k in keys}  # the call's own host time (on CUDA: until it returns)
     memory: dict[str, dict] = {}
 
     def probe(name: str) -> None:  # one step under the memory probe (after the state exists)
@@ -406,17 +407,22 @@ def run_case(size: str, shape: str, args, device: torch.device) -> dict:
             if device.type == "cuda":
                 events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 events[0].record()
+                th = time.perf_counter()
                 fns[k]()
+                th = time.perf_counter() - th
                 events[1].record()
                 events[1].synchronize()
             else:
+                th = time.perf_counter()
                 fns[k]()
+                th = time.perf_counter() - th
             sync(device)
             t1 = time.perf_counter()
             ru1 = resource.getrusage(resource.RUSAGE_SELF)
             if r >= args.warmup:
                 # CUDA: device time between two events around the call (host gaps inside the step included)
                 times[k].append(events[0].elapsed_time(events[1]) / 1e3 if device.type == "cuda" else t1 - t0)
+                host[k].append(th)
                 u = usage[k]
                 u[0] += ru1.ru_utime - ru0.ru_utime
                 u[1] += ru1.ru_stime - ru0.ru_stime
@@ -428,6 +434,8 @@ def run_case(size: str, shape: str, args, device: torch.device) -> dict:
     for name, opt in opts.items():
         entry = summary(times[name])
         entry["ratio_to_adam"] = entry["median_ms"] / adam_ms
+        if device.type == "cuda":  # how long the host took to queue the step: beside median_ms, is it host-bound?
+            entry["host_call_ms"] = quantile(host[name], 0.5) * 1e3
         entry.update(usage_summary(usage[name], args.repeats))
         sb = state_bytes(opt)
         entry["state_bytes"] = sb

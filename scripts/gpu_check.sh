@@ -113,7 +113,8 @@ for name in ("step_1M.json", "step_10M.json", "step_100M.json", "sweep_10M.json"
     for case in json.loads(path.read_text())["results"]:
         for opt, e in case.get("optimizers", {}).items():
             rows.append({"file": name, "size": case["size"], "shape": case["shape"], "n_tensors": case["n_tensors"],
-                         "optimizer": opt, "median_ms": e["median_ms"], "ratio_to_adam": e.get("ratio_to_adam"),
+                         "optimizer": opt, "median_ms": e["median_ms"], "host_call_ms": e.get("host_call_ms"),
+                         "ratio_to_adam": e.get("ratio_to_adam"),
                          "floor_ms": e.get("bandwidth_floor", {}).get("median_ms"),
                          "step_over_floor": e.get("step_over_bandwidth_floor")})
 step = {(r["file"], r["size"], r["shape"], r["optimizer"]): r for r in rows}
