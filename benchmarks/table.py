@@ -101,7 +101,7 @@ def _case(step: dict, size: str, shape: str) -> dict | None:
 
 
 def summary_table(step: dict, meta: dict | None, evaluate: dict | None, size: str = "1M",
-                  compiled: dict | None = None, host: dict | None = None) -> str:
+                  compiled: dict | None = None, host: dict | None = None, gpu: str | None = None) -> str:
     """The README's one speed table: step() at ``size`` parameters (one matrix, many tensors), the meta-training
     step (one optimizee, a population of 8; eager, and the speed-up of ``--compile`` from ``compiled``, a
     meta_step.json with ``+compile`` models) and the batched evaluation, each next to its torch reference."""
@@ -160,11 +160,86 @@ def summary_table(step: dict, meta: dict | None, evaluate: dict | None, size: st
         host_note = (f"; the host side of a fused step, timed here with its launches stubbed "
                      f"(`benchmarks/step_host.py`), is {_ms(dm[0])} ms for {size} parameters in one matrix and "
                      f"{_ms(dm[1])} ms in {cases['many']['num_tensors']} tensors (L2O-DM)")
+    if gpu is not None:
+        return "\n".join(lines + ["", gpu])
     lines += ["", "On a GPU, L2O-DM and RNNprop step with a fused Triton kernel (one per param group, between a "
               "NaN/Inf check and a step-counter launch: no host sync) and meta-training and evaluation run "
               "populations; these are built and tested (through Triton's interpreter on the CPU; the kernel also "
               "compiled for an H200, `benchmarks/results/kernel_resources_sm90.json`) but not yet timed on a GPU: "
               f"`scripts/gpu_check.sh` measures them on one{host_note}."]
+    return "\n".join(lines)
+
+
+_SIZE_ORDER = {"10k": 0, "100k": 1, "1M": 2, "10M": 3, "100M": 4}
+
+
+def _fused_entry(opts: dict, model: str) -> tuple[str, dict] | None:
+    """The entry to show for ``model``: its fused kernel when timed, else its only (torch) path."""
+    for name in (f"{model}[triton]", model, f"{model}[torch]"):
+        if name in opts:
+            return name, opts[name]
+    return None
+
+
+def gpu_table(folder: Path) -> str | None:
+    """The README's GPU table from a ``scripts/gpu_check.sh`` folder: every step() case of its step_*.json
+    (fused kernel where timed, with its bandwidth-floor ratio and host time), the meta-training step per
+    optimizee with populations, and the batched evaluation's 10 x 10,000-step protocol; None without results."""
+    models = [("dm", "L2ODM"), ("rnnprop", "RNNprop"), ("scale", "L2OScale")]
+    steps = sorted(folder.glob("step_*.json"))
+    load = lambda name: json.loads((folder / name).read_text()) if (folder / name).exists() else None  # noqa
+    meta, evaluate = load("meta_step.json"), load("evaluate_speed.json")
+    if not steps and meta is None and evaluate is None:
+        return None
+    env = (json.loads(steps[0].read_text()) if steps else meta or evaluate).get("env", {})
+    lines = [f"GPU ({env.get('gpu', env.get('device', '?'))}), torch {env.get('torch', '?')}; `scripts/gpu_check.sh`, "
+             "each row measured side by side in one run (JSON in the folder it writes). Step times are device "
+             "time; \"floor\" is a device copy of the bytes the step must read and write, timed in the same rounds.",
+             "", "| measurement | " + " | ".join(f"`{n}`" for _, n in models) + " | reference |",
+             "|---|" + "---:|" * len(models) + "---|"]
+    cases = [c for path in steps if path.name != "step_host.json" for c in json.loads(path.read_text())["results"]
+             if "optimizers" in c]
+    for case in sorted(cases, key=lambda c: (_SIZE_ORDER.get(c["size"], 9), c["shape"] != "matrix")):
+        opts, cells = case["optimizers"], []
+        for model, _ in models:
+            found = _fused_entry(opts, model)
+            if found is None:
+                cells.append("–")
+                continue
+            name, e = found
+            text = f"{_ms(e['median_ms'])} ms"
+            if e.get("step_over_bandwidth_floor") is not None:
+                text += f" ({e['step_over_bandwidth_floor']:.1f}× floor)"
+            if e.get("host_call_ms") is not None:
+                text += f", host {_ms(e['host_call_ms'])} ms"
+            cells.append(text)
+        what = "one matrix" if case["shape"] == "matrix" else f"{case['n_tensors']} tensors"
+        ref = f"Adam {_ms(opts['adam']['median_ms'])} ms" if "adam" in opts else ""
+        lines.append(f"| `step()`, {case['size']} parameters in {what} | " + " | ".join(cells) + f" | {ref} |")
+    by_k = (meta or {}).get("results_by_population", {})
+    one = by_k.get("1", {})
+    for k in sorted(by_k, key=int):
+        r = by_k[k]
+        cells = []
+        for model, _ in models:
+            if model not in r:
+                cells.append("–")
+                continue
+            meta_ms = r[model]["meta_ms_per_step"]["median_ms"]
+            text = f"{_ms(meta_ms / int(k))} ms"
+            if k != "1" and model in one:
+                text += f" ({meta_ms / one[model]['meta_ms_per_step']['median_ms']:.1f}× K = 1)"
+            cells.append(text)
+        what = "one optimizee" if k == "1" else f"a population of {k}, per optimizee step"
+        plain = next(iter(r.values()))["plain_fwd_bwd_ms_per_step"]["median_ms"] if r else None
+        ref = f"optimizee forward+backward {_ms(plain)} ms" if k == "1" and plain is not None else "meta-step vs K = 1"
+        lines.append(f"| meta-training (MLP-orig, unroll 20), {what} | " + " | ".join(cells) + f" | {ref} |")
+    rows = {r["optimizer"]: r for r in (evaluate or {}).get("results", []) if r.get("task") == "mlp-orig"}
+    if rows:
+        cells = [f"{rows[m]['batched']['protocol_10x10000_s']:.0f} s" if m in rows else "–" for m, _ in models]
+        ref = f"Adam {rows['adam']['batched']['protocol_10x10000_s']:.0f} s" if "adam" in rows else ""
+        lines.append("| evaluation, 10 seeds × 10,000 steps as one population (MLP-orig, extrapolated) | "
+                     + " | ".join(cells) + f" | {ref} |")
     return "\n".join(lines)
 
 
@@ -180,6 +255,9 @@ def main(argv=None) -> int:
     ap.add_argument("--step", type=Path, default=HERE / "results" / "step.json")
     ap.add_argument("--meta", type=Path, default=HERE / "results" / "meta_step.json")
     ap.add_argument("--readme", type=Path, default=None, help="replace the text between the bench markers")
+    ap.add_argument("--gpu", type=Path, default=None,
+                    help="with --summary: add the GPU table from a scripts/gpu_check.sh folder (its step_*.json, "
+                         "meta_step.json and evaluate_speed.json)")
     ap.add_argument("--summary", action="store_true",
                     help="one compact table (the project README's) from step.json, meta_step_population.json, "
                          "meta_step_compile.json and evaluate_speed.json instead of the detailed tables")
@@ -189,7 +267,8 @@ def main(argv=None) -> int:
         load = lambda name: json.loads((results / name).read_text()) if (results / name).exists() else None  # noqa
         body = summary_table(json.loads(args.step.read_text()), load("meta_step_population.json"),
                              load("evaluate_speed.json"), compiled=load("meta_step_compile.json"),
-                             host=load("step_host.json"))
+                             host=load("step_host.json"),
+                             gpu=gpu_table(args.gpu) if args.gpu is not None else None)
     else:
         body = render(args.step, args.meta)
     print(body)

@@ -132,5 +132,9 @@ for rule in ("dm[triton]", "rnnprop[triton]"):
 print(json.dumps({"bar": bar, "steps": rows}, indent=1))
 EOF
 
+# the README's speed section with the GPU table from this run; to put it in the README where the folder came back:
+#     python benchmarks/table.py --summary --gpu FOLDER --readme README.md
+python benchmarks/table.py --summary --gpu "$OUT" >"$OUT/readme_speed.md" 2>"$OUT/readme_speed.log" || status=1
+
 echo "total $(($(date +%s) - started)) s; results in $OUT"
 exit $status
