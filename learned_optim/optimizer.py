@@ -41,6 +41,7 @@ import collections
 import copy
 import numbers
 import os
+import sys
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -56,6 +57,18 @@ from .weights import load_rule, resolve_weights
 _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 #: torch.compile backend of ``backend="compile"`` (inductor: C++ on the CPU, Triton on a GPU)
 COMPILE_BACKEND = "inductor"
+
+
+_NOT_USER_CODE = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def _warn_caller(message: str) -> None:
+    """A ``RuntimeWarning`` attributed to the user's line that called ``step()``: the first frame outside this
+    package and torch (whose decorators and hooks wrap ``step``), however deep that is."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_NOT_USER_CODE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
 def _on_device(t: Tensor, device: torch.device) -> Tensor:
@@ -306,9 +319,8 @@ class LearnedOptimizer(Optimizer):
             raise RuntimeError(f"{name}(backend='triton'): the fused kernel cannot run on {device} ({exc}); nothing "
                                "was updated. Use backend='torch' (or 'auto', which falls back to it)") from exc
         self._kernel_off.add(device)
-        warnings.warn(f"{name}: the fused Triton kernel cannot run on {device} ({exc}); stepping with the torch "
-                      "path instead (same updates, slower on a GPU). backend='torch' silences this", RuntimeWarning,
-                      stacklevel=6)
+        _warn_caller(f"{name}: the fused Triton kernel cannot run on {device} ({exc}); stepping with the torch "
+                     "path instead (same updates, slower on a GPU). backend='torch' silences this")
 
     def _fast_step(self, group: dict) -> bool:
         """A fused step of ``group`` through the plan recorded at its last step (one pass over its tensors, no
@@ -451,8 +463,8 @@ class LearnedOptimizer(Optimizer):
         if self.nonfinite == "raise":
             raise FloatingPointError(f"{type(self).__name__}: non-finite gradient (NaN/Inf) in {bad} tensor(s); nothing "
                                      "was updated (nonfinite='raise'). Check the loss, or use nonfinite='skip'")
-        warnings.warn(f"{type(self).__name__}: non-finite gradient (NaN/Inf) in {bad} tensor(s); skipped them this "
-                      "step (their parameters and optimizer state are unchanged)", RuntimeWarning, stacklevel=5)
+        _warn_caller(f"{type(self).__name__}: non-finite gradient (NaN/Inf) in {bad} tensor(s); skipped them this "
+                     "step (their parameters and optimizer state are unchanged)")
         return [p for p, ok in zip(params, finite) if ok]
 
     def _note_nonfinite(self, counts: Tensor) -> None:
@@ -460,7 +472,7 @@ class LearnedOptimizer(Optimizer):
         step and a later ``step()`` reads it once it has arrived (never waiting); elsewhere it is read now."""
         if counts.device.type != "cuda":
             self._nonfinite_pending.append((counts, None))
-            self._report_nonfinite(stacklevel=6)
+            self._report_nonfinite()
             return
         host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
         host.copy_(counts, non_blocking=True)  # on the counts' device's current stream, behind the step
@@ -468,7 +480,7 @@ class LearnedOptimizer(Optimizer):
         event.record(torch.cuda.current_stream(counts.device))
         self._nonfinite_pending.append((host, event))
 
-    def _report_nonfinite(self, stacklevel: int = 5) -> None:
+    def _report_nonfinite(self) -> None:
         """Warn about the tensors the fused step skipped, for every count that has reached the host."""
         bad, steps, earlier = 0, 0, False
         while self._nonfinite_pending and (self._nonfinite_pending[0][1] is None
@@ -478,9 +490,8 @@ class LearnedOptimizer(Optimizer):
             bad, steps, earlier = bad + skipped, steps + (skipped > 0), earlier or event is not None
         if bad:
             when = f"in {steps} earlier step(s)" if earlier else "this step"
-            warnings.warn(f"{type(self).__name__}: non-finite gradient (NaN/Inf) in {bad} tensor(s); skipped them "
-                          f"{when} (their parameters and optimizer state are unchanged)", RuntimeWarning,
-                          stacklevel=stacklevel)
+            _warn_caller(f"{type(self).__name__}: non-finite gradient (NaN/Inf) in {bad} tensor(s); skipped them "
+                         f"{when} (their parameters and optimizer state are unchanged)")
 
     def _step_whole_group(self, group: dict, params: list[Tensor]) -> None:
         """A rule with per-tensor and global RNNs (L2O-Scale), through its stages: a pre-pass sum, then its

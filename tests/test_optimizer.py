@@ -345,8 +345,9 @@ def test_nonfinite_gradient_skips_tensor_and_keeps_state(name, bad):
     opt.zero_grad()
     loss_fn().backward()
     params[0].grad[0, 0] = bad
-    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+    with pytest.warns(RuntimeWarning, match="non-finite gradient") as record:
         opt.step()
+    assert [w.filename for w in record if "non-finite" in str(w.message)] == [__file__]  # the caller's line
     assert torch.equal(params[0], before[0])
     assert not torch.equal(params[1], before[1])
     after = opt.state_dict()
