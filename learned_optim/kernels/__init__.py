@@ -20,8 +20,8 @@ after):
   compared with the recorded ones as whole lists iterated in C (``map``), and the gradient filtering, the
   state initialisation and the per-tensor dict lookups of the full path are skipped; anything changed sends
   the step back to the full path, which records a new one. Host cost (``benchmarks/step_host.py``, launches
-  stubbed, on this project's 2-core CPU; ``benchmarks/results/step_host.json``): 0.48 ms per step for the 864
-  tensors of the 1M "many" layout (0.55 µs per tensor; the bare walk ``[p.grad for p in params]`` costs
+  stubbed, on this project's 2-core CPU; ``benchmarks/results/step_host.json``): 0.50 ms per step for the 864
+  tensors of the 1M "many" layout (0.58 µs per tensor; the bare walk ``[p.grad for p in params]`` costs
   0.06 µs per tensor), 0.05 ms for one matrix; the full path took 0.93 ms for the 864 tensors.
 * **No host sync.** Non-finite gradients are found on the device: a launch over the same blocks flags each
   tensor with a NaN or Inf in its gradient, the step masks every load and store of a flagged tensor (its
