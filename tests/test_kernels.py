@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import learned_optim
 from helpers import imitation_trained_rule
@@ -574,6 +576,96 @@ def test_a_kernel_this_gpu_cannot_compile_falls_back_to_the_torch_path(monkeypat
     with pytest.raises(RuntimeError, match="backend='triton'.*cannot run on cpu .*nothing was updated"):
         opt.step()
     assert torch.equal(params[0], before) and float(opt.state[params[0]]["step"]) == 0.0
+
+
+class _Recorder:
+    """Stands in for the step kernel: records the pointer table of every launch, runs nothing."""
+
+    def __init__(self, tables):
+        self.tables = tables
+
+    def warmup(self, *args, **kwargs):
+        return None
+
+    def __getitem__(self, grid):
+        return lambda table, *args, **kwargs: self.tables.append(table.clone())
+
+
+_OPS = ("grad_none", "new_grads", "param_data", "state_tensor", "state_dict", "state_dict_cloned", "reload",
+        "reverse", "nothing")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rule_name=st.sampled_from(["dm", "rnnprop"]),
+       ops=st.lists(st.tuples(st.sampled_from(_OPS), st.integers(0, 3)), min_size=3, max_size=10))
+def test_every_launch_points_at_the_current_tensors(rule_name, ops):
+    """Whatever changes between steps (gradients gone or new, parameter storage, state tensors or dicts, a
+    reloaded state_dict, the group reordered), the pointer table of every launch -- full path or fast plan --
+    holds exactly the current gradient, parameter, state and step pointers of the tensors with a gradient, and
+    the rule's current weights. The kernels are stubbed: this checks the host side alone, on any machine."""
+    from learned_optim.kernels import lstm
+
+    tables = []
+    saved = (kernels.use_kernel, lstm._nonfinite_kernel, lstm._lstm_step_kernel, lstm._advance_steps_kernel)
+    kernels.use_kernel = lambda backend, rule, device: backend != "torch"
+    lstm._nonfinite_kernel = _Silent()
+    lstm._advance_steps_kernel = _Silent()
+    lstm._lstm_step_kernel = _Recorder(tables)
+    try:
+        torch.manual_seed(0)
+        rule = learned_optim.build_rule(rule_name)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in ((4, 4), (8,), (3, 5), (16,))]
+        opt = learned_optim.LearnedOptimizer(params, rule)
+        nw = len(lstm._weight_tensors(rule))
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        for op, i in [("nothing", 0)] + ops:
+            p = opt.param_groups[0]["params"][i]
+            if op == "grad_none":
+                p.grad = None
+            elif op == "new_grads":
+                for q in params:
+                    q.grad = torch.randn(q.shape)
+            elif op == "param_data":
+                p.data = p.data.clone()
+            elif op == "state_tensor" and opt.state[p]:
+                opt.state[p]["rnn"] = opt.state[p]["rnn"].clone()
+            elif op == "state_dict" and opt.state[p]:
+                opt.state[p] = dict(opt.state[p])
+            elif op == "state_dict_cloned" and opt.state[p]:
+                opt.state[p] = {key: value.clone() for key, value in opt.state[p].items()}
+            elif op == "reload":
+                opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+            elif op == "reverse":
+                opt.param_groups[0]["params"].reverse()
+            tables.clear()
+            opt.step()
+            stepped = [q for q in opt.param_groups[0]["params"] if q.grad is not None]
+            assert bool(tables) == bool(stepped)  # one launch per dtype / vector-width class
+            rows = set()
+            for table in (t.tolist() for t in tables):
+                assert table[:nw] == [w.data_ptr() for w in lstm._weight_tensors(rule)]
+                rows |= {tuple(table[nw + k * 7: nw + k * 7 + 5]) for k in range((len(table) - nw) // 7)}
+            expected = set()
+            for q in stepped:
+                st_q = opt.state[q]
+                mv = st_q["mv"] if rule_name == "rnnprop" else st_q["rnn"]
+                expected.add((q.grad.data_ptr(), q.data_ptr(), st_q["rnn"].data_ptr(), mv.data_ptr(),
+                              st_q["step"].data_ptr()))
+            assert rows == expected
+    finally:
+        kernels.use_kernel, lstm._nonfinite_kernel, lstm._lstm_step_kernel, lstm._advance_steps_kernel = saved
+
+
+class _Silent:
+    """Stands in for the NaN/Inf check and the step counters: compiles and launches nothing."""
+
+    def warmup(self, *args, **kwargs):
+        return None
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
 
 
 def test_backend_survives_pickling():
