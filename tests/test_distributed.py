@@ -21,6 +21,8 @@ if not torch.distributed.is_available():  # pragma: no cover
     pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
 
 REPO = Path(__file__).resolve().parent.parent
+# the expensive module fixture runs once per test process that needs it: keep this file on one (pytest-xdist)
+pytestmark = pytest.mark.xdist_group("distributed")
 NAMES = ["dm", "rnnprop", "scale"]
 STEPS = 20  # DDP runs (bit for bit)
 FSDP_STEPS = 10  # FSDP2 runs (to float tolerance: trained L2O-DM amplifies ulp differences step after step)

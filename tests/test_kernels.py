@@ -406,11 +406,17 @@ def interpreted():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# the interpreter subprocess runs once per test process that needs it: keep its tests on one (pytest-xdist)
+interpreter_group = pytest.mark.xdist_group("interpreter")
+
+
+@interpreter_group
 @pytest.mark.parametrize("spec", INTERPRETER_CASES, ids=lambda s: s["name"])
 def test_interpreted_kernel_matches_torch_path(interpreted, spec):
     check(spec, interpreted[spec["name"]])
 
 
+@interpreter_group
 def test_interpreted_state_dict_moves_between_backends(interpreted):
     result = interpreted["state-dict-round-trip"]
     assert "error" not in result, result.get("error")
@@ -426,6 +432,7 @@ def check_nonfinite(result: dict) -> None:
         assert r["worst"] <= FP32_TOL, (rule, r)
 
 
+@interpreter_group
 def test_interpreted_kernel_skips_nonfinite_tensors_on_the_device(interpreted):
     check_nonfinite(interpreted["nonfinite-skip"])
 

@@ -16,6 +16,8 @@ import pytest
 from learned_optim import weights as W
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# the expensive module fixture runs once per test process that needs it: keep this file on one (pytest-xdist)
+pytestmark = pytest.mark.xdist_group("wheel")
 # not part of a build: VCS data, run outputs, tests, previous build artefacts, caches
 _IGNORE = shutil.ignore_patterns(".git", "runs", "results", "tests", "build", "dist", "*.egg-info", "__pycache__",
                                  "*.pyc", ".pytest_cache", ".hypothesis", "*.tmp")
