@@ -1,11 +1,15 @@
-"""Shared helpers for the tests: synthetic datasets on disk in torchvision's formats, and small
-rules trained in seconds (so "goes the right direction" tests need no bundled weights)."""
+"""Shared helpers for the tests: synthetic datasets on disk in torchvision's formats, small rules trained in
+seconds (so "goes the right direction" tests need no bundled weights), and expensive fixtures built once per
+test run."""
 from __future__ import annotations
 
 import functools
+import os
 import pickle
+import shutil
 import struct
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -120,3 +124,24 @@ def _train_imitation_rule(name: str, meta_steps: int, seed: int):
 # Tiny tensors gain nothing from intra-op threads, and spinning threads are very slow when the
 # cores are shared (e.g. with a meta-training run): the test suite runs single-threaded.
 torch.set_num_threads(1)
+
+
+def once_per_run(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder that ``build(folder)`` fills once per test run, however pytest-xdist spreads the tests that need
+    it over its worker processes: the first worker to get here builds it under a file lock, in a folder shared
+    by the run's workers; the others wait for that and reuse it. A failed build leaves no mark, so the next
+    worker tries again (and reports the failure the same way)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # one per run, shared by its workers
+    folder = base / f"once-{name}"
+    with FileLock(str(folder) + ".lock"):
+        done = folder / ".built"
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            build(folder)
+            done.touch()
+    return folder

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import once_per_run
 from torch import nn
 
 if not torch.distributed.is_available():  # pragma: no cover
     pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
 
 REPO = Path(__file__).resolve().parent.parent
-# the expensive module fixture runs once per test process that needs it: keep this file on one (pytest-xdist)
-pytestmark = pytest.mark.xdist_group("distributed")
 NAMES = ["dm", "rnnprop", "scale"]
 STEPS = 20  # DDP runs (bit for bit)
 FSDP_STEPS = 10  # FSDP2 runs (to float tolerance: trained L2O-DM amplifies ulp differences step after step)
@@ -228,15 +227,18 @@ def _worker(root: Path) -> None:
 # ---------------------------------------------------------------------- the tests
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distributed")
-    env = dict(os.environ, OMP_NUM_THREADS="1", LEARNED_OPTIM_DATA="",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-           str(Path(__file__).resolve()), str(root)]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    def build(root: Path) -> None:  # one torchrun per test run, whichever xdist worker gets here first
+        env = dict(os.environ, OMP_NUM_THREADS="1", LEARNED_OPTIM_DATA="",
+                   PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+               str(Path(__file__).resolve()), str(root)]
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+        (root / "stdout.txt").write_text(proc.stdout)
+
+    root = once_per_run(tmp_path_factory, "distributed", build)
     ranks = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    return ranks, proc.stdout
+    return ranks, (root / "stdout.txt").read_text()
 
 
 def _assert_states(a: dict, b: dict, **tol) -> None:

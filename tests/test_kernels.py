@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import learned_optim
-from helpers import imitation_trained_rule
+from helpers import imitation_trained_rule, once_per_run
 from learned_optim import kernels
 
 REPO = Path(__file__).resolve().parent.parent
@@ -394,29 +394,27 @@ def check(spec: dict, result: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- CPU: interpreter
 @pytest.fixture(scope="module")
-def interpreted():
+def interpreted(tmp_path_factory):
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
-    env.pop("LEARNED_OPTIM_TRITON_BLOCK", None)
-    proc = subprocess.run([sys.executable, __file__, "--worker"], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def build(folder: Path) -> None:  # ~25 s: once per test run, whichever xdist worker gets here first
+        env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+            [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+        env.pop("LEARNED_OPTIM_TRITON_BLOCK", None)
+        proc = subprocess.run([sys.executable, __file__, "--worker"], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        (folder / "results.json").write_text(proc.stdout.strip().splitlines()[-1])
+
+    return json.loads((once_per_run(tmp_path_factory, "interpreter", build) / "results.json").read_text())
 
 
-# the interpreter subprocess runs once per test process that needs it: keep its tests on one (pytest-xdist)
-interpreter_group = pytest.mark.xdist_group("interpreter")
-
-
-@interpreter_group
 @pytest.mark.parametrize("spec", INTERPRETER_CASES, ids=lambda s: s["name"])
 def test_interpreted_kernel_matches_torch_path(interpreted, spec):
     check(spec, interpreted[spec["name"]])
 
 
-@interpreter_group
 def test_interpreted_state_dict_moves_between_backends(interpreted):
     result = interpreted["state-dict-round-trip"]
     assert "error" not in result, result.get("error")
@@ -432,7 +430,6 @@ def check_nonfinite(result: dict) -> None:
         assert r["worst"] <= FP32_TOL, (rule, r)
 
 
-@interpreter_group
 def test_interpreted_kernel_skips_nonfinite_tensors_on_the_device(interpreted):
     check_nonfinite(interpreted["nonfinite-skip"])
 

@@ -12,12 +12,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import once_per_run
 
 from learned_optim import weights as W
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# the expensive module fixture runs once per test process that needs it: keep this file on one (pytest-xdist)
-pytestmark = pytest.mark.xdist_group("wheel")
 # not part of a build: VCS data, run outputs, tests, previous build artefacts, caches
 _IGNORE = shutil.ignore_patterns(".git", "runs", "results", "tests", "build", "dist", "*.egg-info", "__pycache__",
                                  "*.pyc", ".pytest_cache", ".hypothesis", "*.tmp")
@@ -63,15 +62,17 @@ def built_wheel(tmp_path_factory) -> Path:
     with one probe weight file registered on top of the checkout's bundled weights."""
     if not _can_build_wheels():
         pytest.skip("setuptools/wheel are not importable: cannot build the wheel without build isolation")
-    tmp = tmp_path_factory.mktemp("wheel")
-    src = tmp / "src"
-    shutil.copytree(REPO_ROOT, src, ignore=_IGNORE, symlinks=True)
-    _add_probe(src / "pretrained")
-    out = tmp / "dist"
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-           "--disable-pip-version-check", "-q", "-w", str(out), str(src)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_subprocess_env())
-    assert proc.returncode == 0, f"wheel build failed:\n{proc.stdout}\n{proc.stderr}"
+
+    def build(tmp: Path) -> None:  # once per test run, whichever xdist worker gets here first
+        src = tmp / "src"
+        shutil.copytree(REPO_ROOT, src, ignore=_IGNORE, symlinks=True)
+        _add_probe(src / "pretrained")
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+               "--disable-pip-version-check", "-q", "-w", str(tmp / "dist"), str(src)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_subprocess_env())
+        assert proc.returncode == 0, f"wheel build failed:\n{proc.stdout}\n{proc.stderr}"
+
+    out = once_per_run(tmp_path_factory, "wheel", build) / "dist"
     wheels = list(out.glob("learned_optim-*.whl"))
     assert len(wheels) == 1, wheels
     return wheels[0]
