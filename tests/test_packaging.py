@@ -17,9 +17,10 @@ from helpers import once_per_run
 from learned_optim import weights as W
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# not part of a build: VCS data, run outputs, tests, previous build artefacts, caches
-_IGNORE = shutil.ignore_patterns(".git", "runs", "results", "tests", "build", "dist", "*.egg-info", "__pycache__",
-                                 "*.pyc", ".pytest_cache", ".hypothesis", "*.tmp")
+# what a build reads (pyproject's packages, package-dir and readme): copied alone, so that whatever else lies in a
+# checkout -- a virtualenv (CI creates .ci-venv in it), data, run outputs -- is neither copied nor packaged
+_BUILD_INPUTS = ("pyproject.toml", "LICENSE", "docs/pypi.md", "learned_optim", "pretrained", "meta_train")
+_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.tmp")
 
 
 def _can_build_wheels() -> bool:
@@ -65,7 +66,12 @@ def built_wheel(tmp_path_factory) -> Path:
 
     def build(tmp: Path) -> None:  # once per test run, whichever xdist worker gets here first
         src = tmp / "src"
-        shutil.copytree(REPO_ROOT, src, ignore=_IGNORE, symlinks=True)
+        for name in _BUILD_INPUTS:
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            if (REPO_ROOT / name).is_dir():
+                shutil.copytree(REPO_ROOT / name, src / name, ignore=_IGNORE, symlinks=True)
+            else:
+                shutil.copy2(REPO_ROOT / name, src / name)
         _add_probe(src / "pretrained")
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                "--disable-pip-version-check", "-q", "-w", str(tmp / "dist"), str(src)]
