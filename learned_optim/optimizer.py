@@ -52,6 +52,7 @@ from torch.optim import Optimizer
 from . import distributed as _dist
 from . import kernels
 from .rules import Rule
+from .rules.base import host_to_device
 from .weights import load_rule, resolve_weights
 
 _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -69,14 +70,6 @@ def _warn_caller(message: str) -> None:
     while frame is not None and frame.f_code.co_filename.startswith(_NOT_USER_CODE):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, RuntimeWarning, stacklevel=level)
-
-
-def _on_device(t: Tensor, device: torch.device) -> Tensor:
-    """A small host tensor (step counts, sizes) on ``device`` without waiting for a GPU: through pinned memory,
-    non-blocking (a copy from pageable memory synchronises the stream). A no-op on the CPU."""
-    if device.type == "cpu" or t.device == device:
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _add_pieces(targets: list[Tensor], updates, lr: float) -> None:
@@ -436,10 +429,10 @@ class LearnedOptimizer(Optimizer):
             parts = [self.state[p][k][..., s: s + n] for p, s, n in chunk]
             state[k] = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(torch.float32)
         if len(chunk) == 1:
-            step = _on_device(self.state[chunk[0][0]]["step"], g.device)
+            step = host_to_device(self.state[chunk[0][0]]["step"], g.device)
         else:
-            lengths = _on_device(torch.tensor([n for _, _, n in chunk]), g.device)
-            step = _on_device(torch.stack([self.state[p]["step"] for p, _, _ in chunk]), g.device)
+            lengths = host_to_device(torch.tensor([n for _, _, n in chunk]), g.device)
+            step = host_to_device(torch.stack([self.state[p]["step"] for p, _, _ in chunk]), g.device)
             step = step.repeat_interleave(lengths, output_size=g.numel())
         update, new_state = rule(g, state, step)
         lengths = [n for _, _, n in chunk]
@@ -505,8 +498,9 @@ class LearnedOptimizer(Optimizer):
         owner = self.state[group["params"][0]]
         device = params[0].device
         torch._foreach_add_([self.state[p]["step"] for p in params], 1.0)
-        step = _on_device(self.state[params[0]]["step"], device)  # once, not at every chunk
-        numels = _on_device(torch.tensor([p.numel() * (2 if p.is_complex() else 1) for p in params]), device)  # whole
+        step = host_to_device(self.state[params[0]]["step"], device)  # once, not at every chunk
+        numels = host_to_device(torch.tensor([p.numel() * (2 if p.is_complex() else 1) for p in params]),
+                                device)  # whole tensors (a DTensor's global size)
         pre = rule.pre_sums([self.state[p][ck] for p in params])
         pre = _dist.all_reduce_columns(pre, params).sum(1)
         tensor_h = torch.cat([self.state[p][tk] for p in params], dim=-1).to(torch.float32)
@@ -515,7 +509,8 @@ class LearnedOptimizer(Optimizer):
         flats = {p: self._flat_pair(p) for p in params}
         chunks = list(self._plan_chunks([_real_view(p).numel() for p in params]))
         # every piece's tensor index and length, moved to the device once and sliced chunk by chunk
-        pieces = _on_device(torch.tensor([[i, n] for chunk in chunks for i, _, n in chunk]), device).reshape(-1, 2).t()
+        pieces = host_to_device(torch.tensor([[i, n] for chunk in chunks for i, _, n in chunk]), device)
+        pieces = pieces.reshape(-1, 2).t()
         sums = torch.zeros(rule.SUM_ROWS, len(params), device=device)
         raws, first = [], 0  # per chunk: its unnormalised update (one float per coordinate) and its pieces
         for chunk in chunks:

@@ -20,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..rules import L2ODMRule, RNNpropRule, Rule
+from ..rules.base import host_to_device
 
 # table layout (int64): weight pointers first -- output weight, output bias, input projection weight and bias
 # (RNNprop), then per layer w_ih, w_hh, b_ih, b_hh -- then one row of _NCOL entries per tensor
@@ -333,10 +334,7 @@ def _launch(rule: Rule, plan: dict, grads: list[int], lr: float, maximize: bool,
             table = array("q", launch["table"])
             table[:nw] = weights
             table[nw::_NCOL] = array("q", grads if launch["every_row"] else [grads[i] for i in launch["rows"]])
-            table_t = torch.frombuffer(table, dtype=torch.int64)
-            # to a GPU through pinned memory, queued on the stream (a pageable copy would wait for the stream)
-            table_t = (table_t.pin_memory().to(device, non_blocking=True) if device.type == "cuda"
-                       else table_t.to(device))
+            table_t = host_to_device(torch.frombuffer(table, dtype=torch.int64), device)  # queued, no wait
             p_dtype, g_dtype, s_dtype, vec = launch["kind"]
             skip, rows = launch["skip"], len(launch["rows"])
             calls += [

@@ -76,6 +76,15 @@ def as_step(step, like: Tensor) -> Tensor:
     return torch.full((), float(step), dtype=like.dtype, device=like.device)
 
 
+def host_to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor (indices, step counts, a pointer table) on ``device`` without waiting: to a GPU
+    through pinned memory, non-blocking (a copy from pageable memory synchronises the stream); elsewhere a
+    plain ``.to``."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def truncated_normal_(tensor: Tensor, std: float) -> Tensor:
     """Truncated normal at two standard deviations (sonnet's default initialiser)."""
     return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2 * std, b=2 * std)

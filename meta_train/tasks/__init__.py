@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from learned_optim.rules.base import host_to_device
+
 from ..data import load_dataset
 from .models import ConvNet, LeNet, MLP, NASCellNet
 
@@ -117,15 +119,9 @@ class Task:
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.numels), self.shapes)}
 
-    def _indices_on_device(self, idx: Tensor) -> Tensor:
-        """Batch indices drawn on the CPU (its generators), moved to the data's device; to a GPU through pinned
-        memory without waiting: a plain host-to-device copy synchronises the stream at every unrolled step."""
-        if self.device.type == "cuda":
-            return idx.pin_memory().to(self.device, non_blocking=True)
-        return idx.to(self.device)
-
     def sample_batch(self, generator: torch.Generator) -> Batch:
-        idx = self._indices_on_device(torch.randint(len(self.y), (self.batch_size,), generator=generator))
+        # drawn on the CPU (its generator), moved without a stream sync: this runs at every unrolled step
+        idx = host_to_device(torch.randint(len(self.y), (self.batch_size,), generator=generator), self.device)
         return Batch(self.x[idx], self.y[idx])
 
     def loss(self, flat: Tensor, batch: Batch) -> Tensor:
@@ -139,7 +135,7 @@ class Task:
         """One batch per member, stacked: x (K, B, ...), y (K, B); member k's batch is the one
         ``sample_batch(generators[k])`` draws (same calls on the same generator)."""
         idx = torch.stack([torch.randint(len(self.y), (self.batch_size,), generator=g) for g in generators])
-        idx = self._indices_on_device(idx)
+        idx = host_to_device(idx, self.device)
         return Batch(self.x[idx], self.y[idx])
 
     def _member_loss(self, flat: Tensor, x: Tensor, y: Tensor) -> Tensor:
