@@ -261,8 +261,7 @@ class LearnedOptimizer(Optimizer):
                 loss = closure()
         if self._nonfinite_pending:
             self._report_nonfinite()
-        fast = (self._kernel_cache and self.nonfinite == "skip" and self.backend in ("auto", "triton")
-                and not self._kernel_off)
+        fast = self._kernel_cache and self.backend in ("auto", "triton") and not self._kernel_off
         for group in self.param_groups:
             if fast and self._fast_step(group):
                 continue
@@ -285,8 +284,7 @@ class LearnedOptimizer(Optimizer):
                 try:
                     params, counts = kernels.lstm_step(
                         self._rule_on(device), params, self.state, lr=group["lr"], maximize=group["maximize"],
-                        flat_pair=self._flat_pair, cache=self._kernel_cache,
-                        group_params=group["params"] if self.nonfinite == "skip" else None)
+                        flat_pair=self._flat_pair, cache=self._kernel_cache, group_params=group["params"])
                 except Exception as exc:
                     if not kernels.kernel_unavailable(exc):
                         raise
@@ -318,17 +316,23 @@ class LearnedOptimizer(Optimizer):
     def _fast_step(self, group: dict) -> bool:
         """A fused step of ``group`` through the plan recorded at its last step (one pass over its tensors, no
         state initialisation or gradient filtering needed); False when the full path must run."""
+        skip = self.nonfinite == "skip"
+        if not skip:  # "raise": checked on the host before anything is written (sparse: the full path says so)
+            with_grad = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
+            if not with_grad or any(p.grad.is_sparse for p in with_grad):
+                return False
+            self._drop_nonfinite(with_grad)
         done = kernels.fast_step(self._rule_on, group["params"], self.state, lr=group["lr"],
                                  maximize=group["maximize"], cache=self._kernel_cache)
         if done is None:
             return False
         rest, counts = done
-        if counts is not None:
+        if skip and counts is not None:
             self._note_nonfinite(counts)
-        if rest:  # the tensors the kernel cannot take, on the torch path
+        if skip and rest:
             rest = self._drop_nonfinite(rest)
-            if rest:
-                self._step_coordinatewise(group, rest)
+        if rest:  # the tensors the kernel cannot take, on the torch path
+            self._step_coordinatewise(group, rest)
         return True
 
     def _init_group_state(self, group: dict, params: list[Tensor]) -> None:

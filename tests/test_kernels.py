@@ -130,7 +130,7 @@ def _grad(p, layout, gen, scale):
     return g.to(device=p.device, dtype=p.dtype)
 
 
-def build(spec: dict, backend: str, device: str):
+def build(spec: dict, backend: str, device: str, nonfinite: str = "skip"):
     if spec["config"]:
         torch.manual_seed(0)
         rule = learned_optim.build_rule(spec["rule"], spec["config"])
@@ -146,7 +146,8 @@ def build(spec: dict, backend: str, device: str):
     else:
         groups = params
     opt = learned_optim.LearnedOptimizer(groups, rule.to(device), lr=spec["lr"], maximize=spec["maximize"],
-                                         state_dtype=_dtype(spec["state_dtype"]), backend=backend)
+                                         state_dtype=_dtype(spec["state_dtype"]), backend=backend,
+                                         nonfinite=nonfinite)
     return params, layouts, opt
 
 
@@ -352,6 +353,38 @@ def nonfinite_skip(device: str) -> dict:
     return out
 
 
+def nonfinite_raise(device: str) -> dict:
+    """nonfinite="raise" on the fused path: clean steps take the recorded plan; a NaN gradient raises
+    FloatingPointError with every parameter, state tensor and step count unchanged."""
+    out = {}
+    for rule in ("dm", "rnnprop"):
+        spec = case(f"{rule}-raise", rule, shapes=[[13], [2, 5]])
+        pa, _, oa = build(spec, "torch", device)
+        pb, _, ob = build(spec, "triton", device, nonfinite="raise")
+        gen = torch.Generator().manual_seed(4)
+        worst = 0.0
+        for _ in range(4):
+            for a, b in zip(pa, pb):
+                a.grad = b.grad = _grad(a, None, gen, 0.1)
+            oa.step()
+            ob.step()
+            worst = max([worst] + [_rel(b.detach(), a.detach())[0] for a, b in zip(pa, pb)])
+        fast = any(k[0] == "fast" for k in ob._kernel_cache)
+        before = [b.detach().clone() for b in pb]
+        states = copy.deepcopy(ob.state_dict())
+        pb[1].grad = _grad(pb[1], None, gen, 0.1)
+        pb[1].grad.view(-1)[2] = float("nan")
+        try:
+            ob.step()
+            raised = False
+        except FloatingPointError:
+            raised = True
+        kept = all(torch.equal(b, x) for b, x in zip(pb, before)) and all(
+            torch.equal(v, ob.state_dict()["state"][i][k]) for i, st in states["state"].items() for k, v in st.items())
+        out[rule] = {"worst": worst, "fast_plan": fast, "raised": raised, "kept": kept}
+    return out
+
+
 def worker() -> None:
     """Entry point of the interpreter subprocess: every case, as one JSON line on stdout."""
     assert kernels.interpreter_enabled()
@@ -364,6 +397,10 @@ def worker() -> None:
             results[spec["name"]]["seconds"] = time.perf_counter() - start
         except Exception as exc:  # reported per case by the tests
             results[spec["name"]] = {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        results["nonfinite-raise"] = nonfinite_raise("cpu")
+    except Exception as exc:
+        results["nonfinite-raise"] = {"error": f"{type(exc).__name__}: {exc}"}
     try:
         results["nonfinite-skip"] = nonfinite_skip("cpu")
     except Exception as exc:
@@ -432,6 +469,16 @@ def check_nonfinite(result: dict) -> None:
 
 def test_interpreted_kernel_skips_nonfinite_tensors_on_the_device(interpreted):
     check_nonfinite(interpreted["nonfinite-skip"])
+
+
+def check_raise(result: dict) -> None:
+    assert "error" not in result, result.get("error")
+    for rule, r in result.items():
+        assert r["fast_plan"] and r["raised"] and r["kept"] and r["worst"] <= FP32_TOL, (rule, r)
+
+
+def test_interpreted_kernel_raise_policy_changes_nothing(interpreted):
+    check_raise(interpreted["nonfinite-raise"])
 
 
 # ---------------------------------------------------------------------------------------------- CPU: compiler
@@ -583,7 +630,7 @@ def test_a_kernel_this_gpu_cannot_compile_falls_back_to_the_torch_path(monkeypat
 
 
 class _Recorder:
-    """Stands in for the step kernel: records the pointer table of every launch, runs nothing."""
+    """Stands in for a kernel: records the first argument (the pointer table) of every launch, runs nothing."""
 
     def __init__(self, tables):
         self.tables = tables
@@ -613,8 +660,8 @@ def test_every_launch_points_at_the_current_tensors(rule_name, ops):
     tables = []
     saved = (kernels.use_kernel, lstm._nonfinite_kernel, lstm._lstm_step_kernel, lstm._advance_steps_kernel)
     kernels.use_kernel = lambda backend, rule, device: backend != "torch"
-    lstm._nonfinite_kernel = _Silent()
-    lstm._advance_steps_kernel = _Silent()
+    lstm._nonfinite_kernel = _Recorder([])  # the NaN/Inf check and the step counters: recorded, not run
+    lstm._advance_steps_kernel = _Recorder([])
     lstm._lstm_step_kernel = _Recorder(tables)
     try:
         torch.manual_seed(0)
@@ -662,16 +709,6 @@ def test_every_launch_points_at_the_current_tensors(rule_name, ops):
         kernels.use_kernel, lstm._nonfinite_kernel, lstm._lstm_step_kernel, lstm._advance_steps_kernel = saved
 
 
-class _Silent:
-    """Stands in for the NaN/Inf check and the step counters: compiles and launches nothing."""
-
-    def warmup(self, *args, **kwargs):
-        return None
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
 def test_backend_survives_pickling():
     opt = learned_optim.L2ODM(_params(), learned_optim.build_rule("dm"), backend="torch")
     assert copy.deepcopy(opt).backend == "torch"
@@ -702,6 +739,12 @@ def test_cuda_kernel_matches_torch_path(spec):
 def test_cuda_state_dict_moves_between_backends():
     for rule, worst in state_dict_round_trip("cuda").items():
         assert worst <= FP32_TOL, (rule, worst)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_kernel_raise_policy_changes_nothing():
+    check_raise(nonfinite_raise("cuda"))
 
 
 @pytest.mark.cuda

@@ -13,16 +13,16 @@ after):
   with one load. Each tensor's ``step`` lives on its device (as in torch's fused optimizers); the kernel reads
   it and computes RNNprop's bias corrections ``1 - beta^step = 1 - exp2(step * log2(beta))`` per tensor (each
   tensor its own step count).
-  The scan of a group (checks, pointers, block map) is cached as a plan keyed on the group's tensors and
-  re-checked per tensor at every step (gradient pointer and layout, parameter storage, identity of the state
-  dict and of the state tensors); any change rescans. From a group's second fused step on, a *fast plan*
-  recorded with it takes the whole step in one pass: the group's list, its gradients and the state dict are
-  compared with the recorded ones as whole lists iterated in C (``map``), and the gradient filtering, the
-  state initialisation and the per-tensor dict lookups of the full path are skipped; anything changed sends
-  the step back to the full path, which records a new one. Host cost (``benchmarks/step_host.py``, launches
-  stubbed, on this project's 2-core CPU; ``benchmarks/results/step_host.json``): 0.50 ms per step for the 864
-  tensors of the 1M "many" layout (0.58 µs per tensor; the bare walk ``[p.grad for p in params]`` costs
-  0.06 µs per tensor), 0.05 ms for one matrix; the full path took 0.93 ms for the 864 tensors.
+  The scan of a group (checks, pointers, block map) is recorded as its plan. From the group's second fused
+  step on, the plan takes the whole step in one pass: the group's list, its gradients (type, contiguity,
+  pointers, alignment), the parameter pointers, the state tensors and the state dict are compared with the
+  recorded ones as whole lists iterated in C (``map``), and the gradient filtering, the state initialisation
+  and the per-tensor dict lookups of the full path are skipped; anything changed sends the step back to the
+  full path, which scans again and records a new plan. Host cost (``benchmarks/step_host.py``, launches
+  stubbed, on this project's 2-core CPU; ``benchmarks/results/step_host.json``): 0.51 ms per step for the 864
+  tensors of the 1M "many" layout (0.59 µs per tensor; the bare walk ``[p.grad for p in params]`` costs
+  0.06 µs per tensor), 0.05 ms for one matrix (0.93 ms for the 864 tensors when every step re-checked a cached
+  scan tensor by tensor).
 * **No host sync.** Non-finite gradients are found on the device: a launch over the same blocks flags each
   tensor with a NaN or Inf in its gradient, the step masks every load and store of a flagged tensor (its
   parameter, state and ``step`` stay as they were), and a one-program launch then advances the other
@@ -175,11 +175,11 @@ def use_kernel(backend: str, rule, device: torch.device) -> bool:
     return True
 
 
-def lstm_step(rule, params, state, *, lr: float, maximize: bool, flat_pair, cache: dict, group_params=None) -> tuple:
-    """Run the fused L2O-DM / RNNprop step on ``params``; returns those left for the torch path and the device
-    count of tensors it skipped for a non-finite gradient (None when it launched nothing). With
-    ``group_params`` (the group's list: every tensor of it was passed, or has no gradient) it also records the
-    group's fast plan for :func:`fast_step`."""
+def lstm_step(rule, params, state, *, lr: float, maximize: bool, flat_pair, cache: dict, group_params) -> tuple:
+    """Run the fused L2O-DM / RNNprop step on ``params`` (the tensors of the group ``group_params`` with a
+    gradient) from a fresh scan, and record the group's plan for :func:`fast_step`; returns the tensors left for
+    the torch path and the device count of tensors skipped for a non-finite gradient (None when it launched
+    nothing)."""
     return _module().lstm_step(rule, params, state, lr=lr, maximize=maximize, flat_pair=flat_pair, cache=cache,
                                group_params=group_params)
 

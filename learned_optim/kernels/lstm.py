@@ -256,55 +256,31 @@ def _block_map(numels: tuple[int, ...], block: int, device: torch.device, cache:
 
 
 def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximize: bool, flat_pair,
-              cache: dict, group_params: list | None = None) -> tuple[list[Tensor], Tensor | None]:
-    """Step ``params`` (one param group, finite gradients, state initialised) with the fused kernel.
+              cache: dict, group_params: list) -> tuple[list[Tensor], Tensor | None]:
+    """Step ``params`` (the tensors of one param group with a gradient, state initialised) with the fused
+    kernel, from a fresh scan, and record the group's plan for :func:`fast_step`, which takes its next steps.
 
     ``state`` is the optimizer's ``self.state``; ``flat_pair(p)`` gives (flat gradient, flat target, buffer)
-    for parameters that are not plain contiguous tensors. Returns the parameters the kernel cannot take
-    (tensor subclasses, float64, state that is not a contiguous tensor on the parameter's device); the
-    caller steps those on the torch path. Each tensor's ``step`` is kept on its device (as torch's fused
-    optimizers do); the kernel reads it through the table.
+    for parameters that are not plain contiguous tensors; ``group_params`` is the param group's list. Returns
+    ``(rest, counts)``: the parameters the kernel cannot take (tensor subclasses, float64, state that is not a
+    contiguous tensor on the parameter's device), which the caller steps on the torch path, and an int32
+    tensor on the device whose sum is the number of tensors skipped for a non-finite gradient (None when
+    nothing was launched), which the caller reads when it is ready. Each tensor's ``step`` is kept on its
+    device (as torch's fused optimizers do); the kernel reads it through the table.
 
     Non-finite gradients are found on the device, without waiting for the GPU: a first launch flags each
     tensor with a NaN or Inf in its gradient, the step leaves flagged tensors (parameter, state, ``step``)
-    unchanged, and a last one-program launch advances the other tensors' steps and counts the flagged ones.
-    Returns ``(rest, counts)``: ``counts`` is an int32 tensor on the device whose sum is the number of skipped
-    tensors (None when nothing was launched); the caller reads it when it is ready.
-
-    The scan of a group (checks, pointers, block map) is kept in ``cache`` as a plan, keyed on the group's
-    tensors. Every step re-checks, per tensor, what can change between steps -- the gradient (its pointer and
-    layout), the parameter's storage, the identity of its state tensors, the state dict itself -- and scans
-    afresh on any change; only the gradient pointers are new in the table of a valid plan.
-
-    With ``group_params`` (the param group's list), a reusable plan is also recorded for :func:`fast_step`,
-    which takes the next steps of the same group in one pass over its list.
+    unchanged, and a last launch advances the other tensors' steps and counts the flagged ones.
     """
     device = params[0].device
     cfg = launch_config()
-    block = cfg["BLOCK"]
-    key = ("plan", block, tuple(map(id, params)))
-    plan = cache.get(key)
-    grads = _check_plan(plan, params, state) if plan is not None else None
-    fresh = grads is None
-    if fresh:
-        plan = _scan(rule, params, state, flat_pair, block, device, cache)
-        if plan["reusable"]:
-            if sum(1 for k in cache if k[0] == "plan") >= 8:  # a few groups / layouts at most
-                for k in [k for k in cache if k[0] == "plan"]:
-                    del cache[k]
-            cache[key] = plan
-        else:
-            cache.pop(key, None)
-        grads = plan["grads"]
+    plan = _scan(rule, params, state, flat_pair, cfg["BLOCK"], device, cache)
     try:
-        out = _launch(rule, plan, grads, lr, maximize, device, cfg, check=fresh)
+        out = _launch(rule, plan, plan["grads"], lr, maximize, device, cfg, check=True)
     except KernelUnavailable:
-        cache.pop(key, None)
-        if group_params is not None:
-            _record_fast(cache, None, rule, group_params, state)
+        _record_fast(cache, None, rule, group_params, state)
         raise
-    if group_params is not None:
-        _record_fast(cache, plan if plan["reusable"] else None, rule, group_params, state)
+    _record_fast(cache, plan if plan["reusable"] else None, rule, group_params, state)
     return out
 
 
@@ -315,7 +291,7 @@ class KernelUnavailable(RuntimeError):
 
 def _launch(rule: Rule, plan: dict, grads: list[int], lr: float, maximize: bool, device: torch.device,
             cfg: dict, check: bool = False) -> tuple[list[Tensor], Tensor | None]:
-    """Launch the plan's kernels. With ``check`` (a freshly scanned plan), every kernel variant is first
+    """Launch the plan's kernels. With ``check`` (a fresh scan), every kernel variant is first
     compiled and loaded for the device (Triton's warm-up, no launch), so that a variant this GPU cannot run
     raises :class:`KernelUnavailable` before any launch has modified a parameter or the state."""
     block = cfg["BLOCK"]
@@ -425,10 +401,10 @@ def fast_step(rule_on, group_params: list, state, *, lr: float, maximize: bool,
     is no such plan or anything it relies on changed, and the caller takes the full path, which scans again.
     ``rule_on(device)`` gives the rule module for the plan's device (the optimizer's rule or its copy there).
 
-    It checks what :func:`lstm_step`'s plan check does -- for each tensor its gradient (present or absent as
-    before, a plain contiguous tensor, alignment), parameter storage and state tensors -- and that the group's
-    list holds the same tensors, and the state dict the same keys and values in the same order; every check
-    is a comparison of whole lists, iterated in C (``map``), not a Python loop over the tensors."""
+    It checks what the plan relies on -- for each tensor its gradient (present or absent as before, a plain
+    contiguous tensor, alignment), parameter storage and state tensors -- and that the group's list holds the
+    same tensors, and the state dict the same keys and values in the same order; every check is a comparison
+    of whole lists, iterated in C (``map``), not a Python loop over the tensors."""
     fast = cache.get(("fast", id(group_params)))
     if (fast is None or fast["params"] is not group_params or fast["state"] is not state
             or len(group_params) != len(fast["members"])):
@@ -540,26 +516,9 @@ def _scan(rule: Rule, params: Sequence[Tensor], state, flat_pair, block: int, de
                          "skip": torch.zeros(len(entries), dtype=torch.int32, device=device),  # cleared after use
                          "count_at": count_at, "every_row": len(classes) == 1})
         count_at += -(-len(entries) // _STEP_ROWS)
-    return {"state": state, "rows": rows, "grads": grads, "launches": launches, "rest": rest, "buffers": buffers,
+    return {"rows": rows, "grads": grads, "launches": launches, "rest": rest, "buffers": buffers,
             "keep": keep, "reusable": reusable, "block": block, "device": device,
             "counts": torch.zeros(count_at, dtype=torch.int32, device=device)}
-
-
-def _check_plan(plan: dict, params: Sequence[Tensor], state) -> list[int] | None:
-    """The gradient pointers of the plan's tensors, or None when anything the plan relies on changed."""
-    if plan["state"] is not state:
-        return None
-    grads = []
-    for p, st, rnn, mv, step, pptr, aligned in plan["rows"]:
-        g = p.grad
-        if (type(g) is not Tensor or not g.is_contiguous() or p.data_ptr() != pptr or state[p] is not st
-                or st["rnn"] is not rnn or st["step"] is not step or (mv is not None and st["mv"] is not mv)):
-            return None
-        gp = g.data_ptr()
-        if aligned and gp & 15:
-            return None
-        grads.append(gp)
-    return grads
 
 
 # ---------------------------------------------------------------------------------------- ahead-of-time compile
