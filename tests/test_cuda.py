@@ -81,6 +81,19 @@ def test_state_dict_saved_on_cuda_loads_on_the_cpu_and_back(name):
     state_dict_cpu_and_back(name)
 
 
+
+def test_lstm_cell_on_cuda_matches_nn_lstmcell():
+    """On CUDA the rules' LSTM cell takes torch.tanh (the sigmoid form is the CPU's): same maths as nn.LSTMCell."""
+    from learned_optim.rules import lstm_cell
+
+    torch.manual_seed(0)
+    cell = torch.nn.LSTMCell(7, 5).cuda()
+    x, h, c = (torch.randn(11, k, device="cuda") for k in (7, 5, 5))
+    h_ref, c_ref = cell(x, (h, c))
+    h_ours, c_ours = lstm_cell(x.t().contiguous(), h.t().contiguous(), c.t().contiguous(), cell)
+    torch.testing.assert_close(h_ours.t(), h_ref)
+    torch.testing.assert_close(c_ours.t(), c_ref)
+
 def meta_train_then_resume(root, out, first: str, second: str) -> dict:
     """``python -m meta_train ... --device FIRST`` for 3 epochs, then ``--resume`` on SECOND up to 6."""
     from meta_train.__main__ import main

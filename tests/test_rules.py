@@ -23,6 +23,43 @@ def test_lstm_cell_matches_nn_lstmcell():
     torch.testing.assert_close(c_ours.t(), c_ref)
 
 
+
+def _aten_ops(fn) -> list[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        fn()
+    return record.names
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_lstm_cell_takes_tanh_off_the_cpu(device):
+    """The cell's tanh is the sigmoid form on the CPU (faster there) and torch.tanh elsewhere: on a GPU one
+    element-wise kernel instead of four, forward and backward (shapes on the meta device stand for CUDA's)."""
+    torch.manual_seed(0)
+    cell = nn.LSTMCell(3, 4).to(device)
+    x, h, c = (torch.randn(k, 6, device=device, requires_grad=True) for k in (3, 4, 4))
+
+    def run():
+        h_new, c_new = lstm_cell(x, h, c, cell)
+        (h_new.sum() + c_new.sum()).backward()
+
+    names = _aten_ops(run)
+    if device == "cpu":
+        assert "tanh" not in names and names.count("sigmoid") == 5
+    else:
+        assert names.count("tanh") == 2 and names.count("tanh_backward") == 2 and names.count("sigmoid") == 3
+        assert "sub" not in names
+
 def test_gru_cell_matches_nn_grucell():
     torch.manual_seed(0)
     cell = nn.GRUCell(6, 4)

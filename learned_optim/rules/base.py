@@ -106,8 +106,13 @@ def lstm_cell(x: Tensor, h: Tensor, c: Tensor, cell: nn.LSTMCell) -> Tuple[Tenso
 
 
 def fast_tanh(x: Tensor) -> Tensor:
-    """tanh(x) = 2 sigmoid(2x) - 1. On the CPU builds we ship against, ``torch.tanh`` is about 10x
-    slower than ``torch.sigmoid`` (benchmarks/README.md); this form costs a few ulp (abs. error ~2e-7)."""
+    """tanh(x), on the CPU as 2 sigmoid(2x) - 1: on the CPU builds we ship against, ``torch.tanh`` is several
+    times slower than ``torch.sigmoid`` (one core, a (20, 15910) float32 tensor: 1.2 ms against 0.22 ms, this
+    form 0.33 ms), and this form costs a few ulp (abs. error ~2e-7).
+    Elsewhere (CUDA) ``torch.tanh`` itself: one element-wise kernel instead of four, and in a backward one
+    instead of three, where every kernel's cost is its memory traffic."""
+    if x.device.type != "cpu":
+        return torch.tanh(x)
     return torch.sigmoid(2.0 * x).mul(2.0).sub(1.0)
 
 
