@@ -46,3 +46,29 @@ def test_gpu_table_from_a_gpu_check_folder(tmp_path):
     assert table.main(["--summary", "--gpu", str(tmp_path), "--readme", str(readme)]) == 0
     body = readme.read_text()
     assert text in body and "not yet timed on a GPU" not in body and "\nold\n" not in body
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_table_from_fresh_benchmark_runs(tmp_path):
+    """The benchmarks scripts/gpu_check.sh runs, run here at toy sizes on the CPU (each its own main, as the
+    script calls it minus --device cuda), write what the GPU table reads: a run's own output, not a committed one."""
+    from helpers import write_synthetic_mnist
+
+    root = write_synthetic_mnist(tmp_path / "data", "MNIST", n_train=256, n_test=64)
+    out = tmp_path / "gpu"
+    out.mkdir()
+    _bench("step").main(["--models", "dm", "--sizes", "10k", "--repeats", "1", "--warmup", "1", "--bf16-size", "",
+                         "--no-memory", "--out", str(out / "step_1M.json")])
+    _bench("meta_step").main(["--models", "dm", "--population", "1,2", "--unroll", "2", "--repeats", "1",
+                              "--warmup", "1", "--data-root", str(root), "--out", str(out / "meta_step.json")])
+    _bench("evaluate_speed").main(["--optimizers", "adam,dm", "--seeds", "2", "--steps", "2", "--warmup-steps", "1",
+                                   "--data-root", str(root), "--out", str(out / "evaluate_speed.json")])
+    text = _table().gpu_table(out)
+    assert "| `step()`, 10k parameters in one matrix" in text and "Adam" in text
+    assert "× K = 1)" in text and " s |" in text
