@@ -390,7 +390,8 @@ class LearnedOptimizer(Optimizer):
         torch._foreach_add_([self.state[p]["step"] for p in params], 1.0)
         self._chunks_done = 0
         try:
-            self._step_chunks(rule, params, keys, lr, sign)
+            with kernels.cell_kernel("off"):  # the torch path is torch's maths (the fused path has its own kernel)
+                self._step_chunks(rule, params, keys, lr, sign)
         except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. no C++ compiler for inductor's CPU code
             if self._chunks_done == 0:  # it failed before writing anything: the step is undone
                 torch._foreach_sub_([self.state[p]["step"] for p in params], 1.0)

@@ -385,6 +385,98 @@ def nonfinite_raise(device: str) -> dict:
     return out
 
 
+
+# ------------------------------------------------------------------------------ the LSTM cell kernels (meta-training)
+def _plain_cell(gates, c):
+    """The cell's element-wise maths as torch ops: the reference for kernels.cell (the rule's own tanh form)."""
+    from learned_optim.rules.base import fast_tanh
+
+    i, f, g, o = gates.chunk(4, dim=0)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * fast_tanh(g)
+    return torch.sigmoid(o) * fast_tanh(c_new), c_new
+
+
+def cell_against_autograd(device: str) -> dict:
+    """kernels.cell's forward and backward against torch's autograd of the plain maths: odd sizes, a cell state
+    with a row stride (a column slice of the state, as the optimizer's chunks and the CPU population blocks give),
+    absent output gradients, and a cell state that needs no gradient. Worst relative errors per case."""
+    from learned_optim.kernels import cell
+
+    gen = torch.Generator().manual_seed(5)
+    out = {}
+    for hidden, n, strided, grads in ((3, 37, False, "both"), (20, 1500, True, "both"), (20, 1100, False, "dh"),
+                                      (5, 2049, True, "dc"), (4, 64, False, "no-dc-input")):
+        gates = (torch.randn(4 * hidden, n, generator=gen) * 3).to(device)
+        wide = (torch.randn(hidden, 2 * n if strided else n, generator=gen) * 2).to(device)
+        c = wide[:, :n]
+        dh = torch.randn(hidden, n, generator=gen).to(device)
+        dc = torch.randn(hidden, n, generator=gen).to(device)
+        want_c = grads != "no-dc-input"
+        a_g, a_c = gates.clone().requires_grad_(True), c.clone().requires_grad_(want_c)
+        h_ref, c_ref = _plain_cell(a_g, a_c)
+        outs = [t for t, use in ((h_ref, grads != "dc"), (c_ref, grads != "dh")) if use]
+        gouts = [t for t, use in ((dh, grads != "dc"), (dc, grads != "dh")) if use]
+        torch.autograd.backward(outs, gouts)
+        b_g, b_c = gates.clone().requires_grad_(True), c.detach().requires_grad_(want_c)  # keeps the stride
+        h_k, c_k = cell.FusedCell.apply(b_g, b_c)
+        outs = [t for t, use in ((h_k, grads != "dc"), (c_k, grads != "dh")) if use]
+        torch.autograd.backward(outs, gouts)
+        errs = {"h": _rel(h_k, h_ref), "c": _rel(c_k, c_ref), "d_gates": _rel(b_g.grad, a_g.grad)}
+        if want_c:
+            errs["d_c"] = _rel(b_c.grad, a_c.grad)
+        else:
+            errs["d_c_none"] = (0.0, 0.0) if b_c.grad is None else (1.0, 1.0)
+        out[f"H{hidden}-n{n}{'-strided' if strided else ''}-{grads}"] = {k: max(v) for k, v in errs.items()}
+    return out
+
+
+def cell_in_an_unroll(device: str) -> dict:
+    """A meta-training truncation (one optimizee, and a population of 3) of L2O-DM and RNNprop with the cell
+    kernels and with the plain maths: the worst relative error of the per-step losses, the meta-loss and the
+    meta-gradient (every weight of the rule)."""
+    from helpers import synthetic_images
+    from meta_train.tasks import Task
+    from meta_train.unroll import meta_unroll, population_meta_unroll, start, start_population
+
+    images, labels = synthetic_images(256, 1, 8, 0)
+    data = (torch.from_numpy(images).float().div(255), torch.from_numpy(labels).long())
+    task = Task("mlp-orig", train=True, data=data, device=device)
+    out = {}
+    for name in ("dm", "rnnprop"):
+        rule = copy.deepcopy(imitation_trained_rule(name, meta_steps=30)).to(device).requires_grad_(True)
+        for k in (1, 3):
+            runs = []
+            for mode in ("off", "on" if device == "cpu" else "auto"):
+                rule.zero_grad(set_to_none=True)
+                with kernels.cell_kernel(mode):
+                    if k == 1:
+                        gen = torch.Generator().manual_seed(0)
+                        traj = start(rule, task, gen)
+                        loss, _, values = meta_unroll(rule, task, traj, 6, gen)
+                        values = torch.tensor(values)
+                    else:
+                        gens = [torch.Generator().manual_seed(j) for j in range(k)]
+                        traj = start_population(rule, task, gens)[0]
+                        losses, _, values = population_meta_unroll(rule, task, traj, 6, gens)
+                        loss, values = losses.mean(), torch.as_tensor(values).cpu()
+                    loss.backward()
+                grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                  for p in rule.parameters()])
+                runs.append((loss.detach(), values, grad))
+            (la, va, ga), (lb, vb, gb) = runs
+            out[f"{name}-K{k}"] = {"loss": max(_rel(lb, la)), "values": max(_rel(vb, va)),
+                                   "meta_grad": max(_rel(gb, ga)), "meta_grad_norm": ga.norm().item()}
+    return out
+
+
+def check_cell(result: dict, tol: float) -> None:
+    assert "error" not in result, result.get("error")
+    for case, errs in result.items():
+        for key, err in errs.items():
+            if key != "meta_grad_norm":
+                assert err <= tol, (case, key, err)
+
+
 def worker() -> None:
     """Entry point of the interpreter subprocess: every case, as one JSON line on stdout."""
     assert kernels.interpreter_enabled()
@@ -405,10 +497,14 @@ def worker() -> None:
         results["nonfinite-skip"] = nonfinite_skip("cpu")
     except Exception as exc:
         results["nonfinite-skip"] = {"error": f"{type(exc).__name__}: {exc}"}
-    try:
-        results["state-dict-round-trip"] = state_dict_round_trip("cpu")
-    except Exception as exc:
-        results["state-dict-round-trip"] = {"error": f"{type(exc).__name__}: {exc}"}
+    for key, fn in (("state-dict-round-trip", state_dict_round_trip), ("cell-autograd", cell_against_autograd),
+                    ("cell-unroll", cell_in_an_unroll)):
+        try:
+            start = time.perf_counter()
+            results[key] = fn("cpu")
+            print(f"{key}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        except Exception as exc:
+            results[key] = {"error": f"{type(exc).__name__}: {exc}"}
     print(json.dumps(results))
 
 
@@ -481,15 +577,29 @@ def test_interpreted_kernel_raise_policy_changes_nothing(interpreted):
     check_raise(interpreted["nonfinite-raise"])
 
 
+
+def test_interpreted_cell_kernels_match_autograd(interpreted):
+    check_cell(interpreted["cell-autograd"], FP32_TOL)
+
+
+def test_interpreted_cell_kernels_in_a_meta_training_unroll(interpreted):
+    # the same truncation with the kernels and with torch's ops: float32 rounding apart, the same meta-gradient
+    check_cell(interpreted["cell-unroll"], 1e-4)
+
 # ---------------------------------------------------------------------------------------------- CPU: compiler
 _COMPILE_FOR_H200 = """
 import json, sys, torch
 sys.path.insert(0, "benchmarks")
-from kernel_resources import measure
+from kernel_resources import measure, ptxas_usage
 from learned_optim.kernels import lstm
 dm = lstm.variants(rules=("dm",), dtypes=(torch.float32,), vecs=(4,))[0]
 rnnprop = lstm.variants(rules=("rnnprop",), dtypes=(torch.bfloat16,), vecs=(1,))[0]
-print(json.dumps([measure(v, 90) for v in (dm, rnnprop)]))
+from learned_optim.kernels import cell
+usage = [measure(v, 90) for v in (dm, rnnprop)]
+for kernel in cell.compile_for(90):  # the meta-trainer's LSTM cell (forward, backward)
+    usage.append({**ptxas_usage(kernel.asm["ptx"], 90), "shared_bytes": kernel.metadata.shared,
+                  "cubin_bytes": len(kernel.asm["cubin"])})
+print(json.dumps(usage))
 """
 
 
@@ -517,6 +627,46 @@ def test_kernel_compiles_for_the_h200_without_a_gpu():
 def _params(device="cpu"):
     return [torch.nn.Parameter(torch.randn(3, 4, device=device))]
 
+
+def test_cell_kernel_modes(monkeypatch):
+    """``kernels.cell_kernel`` scopes where lstm_cell takes the fused cell; the optimizer's torch path never does
+    (on CPU tensors outside the interpreter fused_cell declines, so a recording stub stands in for it)."""
+    with pytest.raises(ValueError, match="cell kernel mode"):
+        with kernels.cell_kernel("fast"):
+            pass
+    monkeypatch.setenv("LEARNED_OPTIM_CELL_KERNEL", "sometimes")
+    with pytest.warns(RuntimeWarning, match="LEARNED_OPTIM_CELL_KERNEL"):
+        assert kernels._cell_mode_from_env() == "auto"
+    calls = []
+    monkeypatch.setattr(kernels, "fused_cell", lambda gates, c: calls.append(gates.shape) and None)
+    rule = learned_optim.build_rule("dm")
+    state = rule.init_state([(6,)])
+    assert not kernels.cell_on_cpu()
+    rule(torch.randn(6), state, 1)
+    assert calls == []  # "auto": CUDA tensors only
+    with kernels.cell_kernel("on"):
+        rule(torch.randn(6), state, 1)
+        assert len(calls) == 2  # one per layer
+        p = torch.nn.Parameter(torch.randn(6))
+        opt = learned_optim.L2ODM([p], rule, backend="torch")
+        p.grad = torch.randn(6)
+        opt.step()
+        assert len(calls) == 2 and kernels.cell_on_cpu()  # the torch path: torch's maths, the mode restored after
+    assert not kernels.cell_on_cpu()
+
+
+def test_fused_cell_declines_what_it_cannot_take():
+    """CPU tensors outside mode "on" under the interpreter, other dtypes, shapes and layouts: None (the plain
+    maths), without importing Triton's kernels for the question."""
+    gates, c = torch.randn(8, 5), torch.randn(2, 5)
+    assert kernels.fused_cell(gates, c) is None
+    with kernels.cell_kernel("on"):
+        if not kernels.interpreter_enabled():
+            assert kernels.fused_cell(gates, c) is None
+        assert kernels.fused_cell(gates.double(), c.double()) is None
+        assert kernels.fused_cell(gates[:, :4], c[:, :4]) is None  # gates not contiguous
+        assert kernels.fused_cell(torch.randn(6, 5), c) is None  # not 4 H rows
+        assert kernels.fused_cell(gates, c.t().contiguous().t()) is None  # c's columns strided
 
 def test_backend_argument_is_checked():
     with pytest.raises(ValueError, match="Invalid backend"):
@@ -746,6 +896,38 @@ def test_cuda_state_dict_moves_between_backends():
 def test_cuda_kernel_raise_policy_changes_nothing():
     check_raise(nonfinite_raise("cuda"))
 
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_cell_kernels_match_autograd():
+    check_cell(cell_against_autograd("cuda"), FP32_TOL)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_cell_kernels_in_a_meta_training_unroll():
+    check_cell(cell_in_an_unroll("cuda"), 1e-4)
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_cell_kernels_that_do_not_compile_fall_back_to_torch(monkeypatch):
+    from learned_optim.kernels import cell
+    from learned_optim.rules import lstm_cell
+
+    def broken(gates, c):
+        raise RuntimeError("no such instruction on this GPU")
+
+    monkeypatch.setattr(cell, "check_compiles", broken)
+    monkeypatch.setattr(kernels, "_cell_checked", set())
+    monkeypatch.setattr(kernels, "_cell_off", set())
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTMCell(3, 4).cuda()
+    x, h, c = torch.randn(3, 9, device="cuda"), torch.randn(4, 9, device="cuda"), torch.randn(4, 9, device="cuda")
+    with pytest.warns(RuntimeWarning, match="fused LSTM cell kernels cannot run"):
+        h_new, c_new = lstm_cell(x, h, c, lstm)
+    h_ref, c_ref = lstm(x.t(), (h.t(), c.t()))
+    torch.testing.assert_close(h_new.t(), h_ref)
+    torch.testing.assert_close(c_new.t(), c_ref)
 
 @pytest.mark.cuda
 @cuda_only

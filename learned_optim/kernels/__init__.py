@@ -79,9 +79,12 @@ device's tensors on the torch path, and ``"triton"`` raises.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -199,5 +202,87 @@ def fast_step(rule_on, group_params, state, *, lr: float, maximize: bool, cache:
     return _module().fast_step(rule_on, group_params, state, lr=lr, maximize=maximize, cache=cache)
 
 
-__all__ = ["BACKENDS", "check_backend", "fast_step", "interpreter_enabled", "kernel_unavailable", "lstm_step",
-           "triton_available", "use_kernel"]
+# ------------------------------------------------------------------------------ the LSTM cell (kernels.cell)
+#: where ``rules.base.lstm_cell`` runs its element-wise part through the fused cell kernels: "auto" (CUDA tensors,
+#: when Triton imports), "off", or "on" (also CPU tensors, under Triton's interpreter: for tests)
+CELL_MODES = ("auto", "off", "on")
+
+
+def _cell_mode_from_env() -> str:
+    mode = os.environ.get("LEARNED_OPTIM_CELL_KERNEL", "auto").strip().lower() or "auto"
+    if mode not in CELL_MODES:
+        warnings.warn(f"LEARNED_OPTIM_CELL_KERNEL={mode!r} is not one of {CELL_MODES}; using 'auto'", RuntimeWarning,
+                      stacklevel=2)
+        return "auto"
+    return mode
+
+
+_cell_mode: contextvars.ContextVar[str] = contextvars.ContextVar("learned_optim_cell_kernel",
+                                                                 default=_cell_mode_from_env())
+_cell_off: set[torch.device] = set()  # devices whose GPU could not compile the cell kernels (warned once)
+
+
+@contextlib.contextmanager
+def cell_kernel(mode: str):
+    """Within the block, ``lstm_cell`` uses the fused cell kernels per ``mode`` ("auto", "off" or "on"); the
+    default comes from ``$LEARNED_OPTIM_CELL_KERNEL`` (else "auto")."""
+    if mode not in CELL_MODES:
+        raise ValueError(f"cell kernel mode must be one of {CELL_MODES}, got {mode!r}")
+    token = _cell_mode.set(mode)
+    try:
+        yield
+    finally:
+        _cell_mode.reset(token)
+
+
+def cell_on_cpu() -> bool:
+    """Whether CPU tensors take the cell kernels too (mode "on": under Triton's interpreter)."""
+    return _cell_mode.get() == "on"
+
+
+def fused_cell(gates: torch.Tensor, c: torch.Tensor):
+    """``(h', c')`` of an LSTM cell from its gates' pre-activations ``gates`` (4H, N) and cell state ``c`` (H, N)
+    through the fused kernels (:mod:`learned_optim.kernels.cell`), or None where they do not apply: mode "off",
+    inside ``torch.compile`` (inductor fuses the plain maths itself), no Triton, tensors that are not plain
+    float32 ones of the expected layout on a CUDA device (on the CPU: mode "on" under the interpreter), under
+    ``torch.func`` transforms, or a GPU that cannot compile them (warned once)."""
+    mode = _cell_mode.get()
+    if mode == "off" or torch.compiler.is_compiling():
+        return None
+    device = gates.device
+    if device.type == "cuda":
+        if device in _cell_off or not triton_available() or interpreter_enabled():
+            return None
+    elif not (device.type == "cpu" and mode == "on" and triton_available() and interpreter_enabled()):
+        return None
+    if (type(gates) is not torch.Tensor or type(c) is not torch.Tensor or gates.dtype is not torch.float32
+            or c.dtype is not torch.float32 or c.device != device or c.dim() != 2 or gates.dim() != 2
+            or gates.shape[0] != 4 * c.shape[0] or gates.shape[1] != c.shape[1] or not gates.is_contiguous()
+            or c.stride(1) != 1 or _functorch_wrapped(gates) or _functorch_wrapped(c)):
+        return None
+    from . import cell
+
+    if device.type == "cuda" and device not in _cell_checked:
+        try:
+            cell.check_compiles(gates, c)
+        except Exception as exc:  # noqa: BLE001 -- whatever Triton raises: the plain maths instead
+            _cell_off.add(device)
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            warnings.warn(f"learned_optim: the fused LSTM cell kernels cannot run on {device} ({type(exc).__name__}: "
+                          f"{first}); using the plain torch maths there (same results, more memory traffic). "
+                          "LEARNED_OPTIM_CELL_KERNEL=off silences this", RuntimeWarning, stacklevel=3)
+            return None
+        _cell_checked.add(device)
+    return cell.FusedCell.apply(gates, c)
+
+
+_cell_checked: set[torch.device] = set()
+
+
+def _functorch_wrapped(t: torch.Tensor) -> bool:
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check(t)) if check is not None else False
+
+
+__all__ = ["BACKENDS", "CELL_MODES", "cell_kernel", "cell_on_cpu", "check_backend", "fast_step", "fused_cell",
+           "interpreter_enabled", "kernel_unavailable", "lstm_step", "triton_available", "use_kernel"]

@@ -28,6 +28,8 @@ from typing import Dict, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
+
 State = Dict[str, Tensor]
 Layout = Sequence[Tuple[int, ...]]
 
@@ -99,6 +101,10 @@ def lstm_cell(x: Tensor, h: Tensor, c: Tensor, cell: nn.LSTMCell) -> Tuple[Tenso
     """
     weight = torch.cat((cell.weight_ih, cell.weight_hh), dim=1)
     gates = torch.addmm((cell.bias_ih + cell.bias_hh)[:, None], weight, torch.cat((x, h), dim=0))
+    if not torch.compiler.is_compiling() and (gates.device.type == "cuda" or kernels.cell_on_cpu()):
+        fused = kernels.fused_cell(gates, c)  # the element-wise rest in one kernel, forward and backward
+        if fused is not None:
+            return fused
     i, f, g, o = gates.chunk(4, dim=0)
     c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * fast_tanh(g)
     h_new = torch.sigmoid(o) * fast_tanh(c_new)
