@@ -23,12 +23,16 @@ CPU with a population above 1, the process keeps freed memory for reuse as ``met
 ``--models dm,dm+compile,...``: a ``+compile`` model (dm, rnnprop) runs its rule through ``torch.compile`` as
 ``meta_train --compile`` does, timed in the same rounds as the eager one; its entry adds ``speedup_over_eager``
 (the eager model's time over its own, same K). Compilation happens in the untimed ``--warmup`` rounds.
+A ``+torchcell`` model (dm, rnnprop) runs the rule's LSTM cell as torch ops (``kernels.cell_kernel("off")``), where
+the default takes the fused cell kernels (CUDA); the default model's entry then adds ``fused_cell_speedup`` (the
+``+torchcell`` time over its own, same K). On the CPU both are the same computation.
 
 Prints the JSON (schema in benchmarks/README.md); ``--out`` also writes it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -46,6 +50,7 @@ from common import emit  # noqa: E402  (benchmarks/common.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from learned_optim import kernels  # noqa: E402
 from learned_optim.rules import build_rule  # noqa: E402
 from meta_train.tasks import Task  # noqa: E402
 from meta_train.trainer import GRAD_CLIP_SCALE, MODEL_DEFAULTS, member_seed  # noqa: E402
@@ -56,6 +61,9 @@ from meta_train.unroll import (CompiledRule, Trajectory, keep_freed_memory, meta
 MODELS = ("dm", "rnnprop", "scale")
 #: suffix of a model timed with its rule's forward through torch.compile (``meta_train --compile``)
 COMPILED = "+compile"
+#: suffix of a model whose LSTM cell runs as torch ops, not through the fused cell kernels (a GPU's default)
+TORCH_CELL = "+torchcell"
+VARIANTS = (COMPILED, TORCH_CELL)
 
 
 def quantile(xs: list[float], q: float) -> float:
@@ -111,7 +119,8 @@ class Bench:
     def __init__(self, model: str, task: Task, args, device: torch.device, population: int = 1):
         torch.manual_seed(args.seed)
         self.model, self.task, self.args, self.population = model, task, args, population
-        base = model.removesuffix(COMPILED)
+        base = model.removesuffix(COMPILED).removesuffix(TORCH_CELL)
+        self.cell_mode = "off" if model.endswith(TORCH_CELL) else None
         self.rule = build_rule(base).to(device)
         # what the unroll calls: the rule, or (a "+compile" model) its torch.compile'd forward, as meta_train --compile
         self.step_rule = CompiledRule(self.rule) if model.endswith(COMPILED) else self.rule
@@ -133,7 +142,15 @@ class Bench:
             self.traj = self.start()
             self.restarts += 1
 
+    def cells(self):
+        """The cell kernel mode of this model (``+torchcell``: off), else the default."""
+        return kernels.cell_kernel(self.cell_mode) if self.cell_mode else contextlib.nullcontext()
+
     def meta_truncation(self) -> None:
+        with self.cells():
+            self._meta_truncation()
+
+    def _meta_truncation(self) -> None:
         if self.population == 1:
             loss, traj, values = meta_unroll(self.step_rule, self.task, self.traj, self.args.unroll, self.gen,
                                              objective=self.objective)
@@ -168,6 +185,10 @@ class Bench:
 
     @torch.no_grad()
     def rollout(self, batches) -> None:
+        with self.cells():
+            self._rollout(batches)
+
+    def _rollout(self, batches) -> None:
         theta, state = self.traj.theta, self.traj.state
         blocks = population_blocks(self.rule, theta) if self.population > 1 else None
         state = split_state(state, blocks)
@@ -204,8 +225,9 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
-        if m not in MODELS and m not in (f"{c}{COMPILED}" for c in ("dm", "rnnprop")):
-            raise SystemExit(f"unknown model {m!r}; choose from {','.join(MODELS)}, dm{COMPILED}, rnnprop{COMPILED}")
+        if m not in MODELS and m not in (f"{c}{v}" for c in ("dm", "rnnprop") for v in VARIANTS):
+            raise SystemExit(f"unknown model {m!r}; choose from {','.join(MODELS)}, or dm / rnnprop with the suffix "
+                             f"{COMPILED} or {TORCH_CELL}")
     if args.repeats < 1 or args.repeats_large < 1 or args.warmup < 0 or args.unroll < 1:
         raise SystemExit("--repeats, --repeats-large and --unroll must be >= 1, --warmup >= 0")
     try:
@@ -284,6 +306,12 @@ def main(argv=None) -> dict:
             entry["speedup_over_eager"] = eager["meta_ms_per_step"]["median_ms"] / meta["median_ms"]
             entry["rollout_speedup_over_eager"] = eager["rollout_ms_per_step"]["median_ms"] / roll["median_ms"]
         by_population.setdefault(str(k), {})[m] = entry
+    for k, m in cases:  # the fused cell kernels (the default model) against torch's ops (+torchcell), same run
+        row = by_population[str(k)]
+        if m.endswith(TORCH_CELL) and m.removesuffix(TORCH_CELL) in row:
+            fused = row[m.removesuffix(TORCH_CELL)]
+            fused["fused_cell_speedup"] = (row[m]["meta_ms_per_step"]["median_ms"]
+                                           / fused["meta_ms_per_step"]["median_ms"])
     results = by_population[str(populations[0])]  # the smallest population, in the one-population schema
     env["load_avg_end"] = list(os.getloadavg())
     env["wall_s"] = time.perf_counter() - t_start

@@ -234,6 +234,13 @@ def gpu_table(folder: Path) -> str | None:
         plain = next(iter(r.values()))["plain_fwd_bwd_ms_per_step"]["median_ms"] if r else None
         ref = f"optimizee forward+backward {_ms(plain)} ms" if k == "1" and plain is not None else "meta-step vs K = 1"
         lines.append(f"| meta-training (MLP-orig, unroll 20), {what} | " + " | ".join(cells) + f" | {ref} |")
+    speedups = {m: [(k, by_k[k][m]["fused_cell_speedup"]) for k in sorted(by_k, key=int)
+                    if "fused_cell_speedup" in by_k[k].get(m, {})] for m, _ in models}
+    if any(speedups.values()):  # the same run's +torchcell models: the rule's LSTM cell as torch ops
+        cells = [" / ".join(f"{x:.2f}×" for _, x in speedups[m]) or "–" for m, _ in models]
+        ks = sorted({k for v in speedups.values() for k, _ in v}, key=int)
+        lines.append(f"| meta-training: fused LSTM cell kernels, speed-up over torch's ops (K = {' / '.join(ks)}) | "
+                     + " | ".join(cells) + " | the same step, cell as torch ops |")
     rows = {r["optimizer"]: r for r in (evaluate or {}).get("results", []) if r.get("task") == "mlp-orig"}
     if rows:
         cells = [f"{rows[m]['batched']['protocol_10x10000_s']:.0f} s" if m in rows else "–" for m, _ in models]

@@ -3,8 +3,10 @@
 # 100M parameters (one matrix and many tensors; L2O-DM, RNNprop, L2O-Scale next to Adam; the torch and the
 # Triton backends, the torch backend of DM/RNNprop skipped at 100M), a sweep of the fused kernel's launch
 # configuration at 10M, the meta-training step with populations of 1, 8 and 64 optimizees, the batched
-# evaluation against one seed at a time, and the fused step's host cost on this machine's CPU. Everything
-# lands in one folder (default benchmarks/results/gpu): a log per stage, the JSON of each benchmark, junit XML
+# evaluation against one seed at a time, and the fused step's host cost on this machine's CPU. The meta-step
+# runs L2O-DM and RNNprop twice, with the fused LSTM cell kernels (the default on a GPU) and with the cell as
+# torch ops (+torchcell). Everything lands in one folder (default benchmarks/results/gpu): a log per stage,
+# the JSON of each benchmark, junit XML
 # of the tests and summary.json (the bar: DM/RNNprop step within 2x the bandwidth floor at 10M and 3x at 1M,
 # many tensors within 1.5x one matrix). Each stage has a time cap so that the whole run stays under 8 minutes
 # on an H200;
@@ -87,8 +89,8 @@ stage step-100M 55 "${BENCH[@]}" --sizes 100M --backends triton --repeats 3 --wa
 stage sweep-10M 25 python benchmarks/step.py --device cuda --models dm,rnnprop --sizes 10M --shapes matrix \
     --backends triton --triton-configs "$SWEEP" --repeats 5 --warmup 1 --bf16-size '' --no-gemm-floor --no-memory \
     --out "$OUT/sweep_10M.json"
-stage meta-step 60 python benchmarks/meta_step.py --device cuda --population 1,8,64 --repeats 10 \
-    --out "$OUT/meta_step.json"
+stage meta-step 65 python benchmarks/meta_step.py --device cuda --population 1,8,64 --repeats 6 \
+    --models dm,dm+torchcell,rnnprop,rnnprop+torchcell,scale --out "$OUT/meta_step.json"
 if [ "${META_COMPILE:-0}" = 1 ]; then  # opt-in (about a minute of compilation): meta_train --compile on the GPU
     stage meta-step-compile 120 python benchmarks/meta_step.py --device cuda --population 1,64 --repeats 5 \
         --models dm,dm+compile,rnnprop,rnnprop+compile --out "$OUT/meta_step_compile.json"

@@ -65,10 +65,11 @@ def test_gpu_table_from_fresh_benchmark_runs(tmp_path):
     out.mkdir()
     _bench("step").main(["--models", "dm", "--sizes", "10k", "--repeats", "1", "--warmup", "1", "--bf16-size", "",
                          "--no-memory", "--out", str(out / "step_1M.json")])
-    _bench("meta_step").main(["--models", "dm", "--population", "1,2", "--unroll", "2", "--repeats", "1",
+    _bench("meta_step").main(["--models", "dm,dm+torchcell", "--population", "1,2", "--unroll", "2", "--repeats", "1",
                               "--warmup", "1", "--data-root", str(root), "--out", str(out / "meta_step.json")])
     _bench("evaluate_speed").main(["--optimizers", "adam,dm", "--seeds", "2", "--steps", "2", "--warmup-steps", "1",
                                    "--data-root", str(root), "--out", str(out / "evaluate_speed.json")])
     text = _table().gpu_table(out)
     assert "| `step()`, 10k parameters in one matrix" in text and "Adam" in text
     assert "× K = 1)" in text and " s |" in text
+    assert "fused LSTM cell kernels, speed-up over torch's ops (K = 1 / 2)" in text

@@ -76,6 +76,15 @@ freely between backends. Before a freshly scanned plan's first launch every kern
 compiled and loaded (Triton's warm-up): a GPU that cannot run one (TF32 products or bfloat16 before Ampere,
 too little shared memory) is found before anything is written; then ``"auto"`` warns once and steps that
 device's tensors on the torch path, and ``"triton"`` raises.
+
+**The LSTM cell of the meta-trainer** (``kernels.cell``). Outside the optimizer, the rules run as plain modules:
+``meta_train``'s differentiable unroll and its validation rollouts (and any code that calls a rule directly). There
+``rules.base.lstm_cell`` hands the element-wise part of every LSTM cell (gates -> h', c') on float32 CUDA tensors
+to two Triton kernels through an autograd Function, one forward and one backward, instead of ~22 torch kernels
+(3.5x less memory traffic for the cell; ``benchmarks/meta_traffic.py`` counts a whole meta-training step). Not
+inside ``torch.compile`` (inductor fuses the plain maths itself), nor in the optimizer's torch path, which stays
+torch's maths. ``kernels.cell_kernel("off")`` (a context manager) or ``LEARNED_OPTIM_CELL_KERNEL=off`` turns them
+off; a GPU that cannot compile them gets the plain maths with one warning.
 """
 from __future__ import annotations
 
@@ -257,7 +266,8 @@ def fused_cell(gates: torch.Tensor, c: torch.Tensor):
         return None
     if (type(gates) is not torch.Tensor or type(c) is not torch.Tensor or gates.dtype is not torch.float32
             or c.dtype is not torch.float32 or c.device != device or c.dim() != 2 or gates.dim() != 2
-            or gates.shape[0] != 4 * c.shape[0] or gates.shape[1] != c.shape[1] or not gates.is_contiguous()
+            or gates.shape[0] != 4 * c.shape[0] or gates.shape[1] != c.shape[1] or c.numel() == 0
+            or not gates.is_contiguous()
             or c.stride(1) != 1 or _functorch_wrapped(gates) or _functorch_wrapped(c)):
         return None
     from . import cell

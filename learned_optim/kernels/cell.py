@@ -5,14 +5,13 @@ feature-major (4H, N) tensor; the rest of the cell is element-wise::
 
     c' = sigmoid(f) * c + sigmoid(i) * tanh(g),    h' = sigmoid(o) * tanh(c')
 
-In eager torch that is 10 kernels forward and 13 backward on a GPU (sigmoids, tanhs, products, sums and the
-``cat`` of the four gate gradients), each a pass through memory, and autograd keeps 8 (H, N) intermediates
-for the backward. Here the forward is one kernel (reads the gates and c, writes h' and c') that keeps only its
-two inputs for the backward, and the backward is one kernel that recomputes the activations from them (reads
-the gates, c, dh' and dc', writes the gates' gradient and dc). Per coordinate and layer in float32 that is
-28 H bytes forward and 48 H backward (H = 20: 560 B and 960 B), where eager torch moves about 3.3x as much
-(``docs/meta-training.md``). The meta-trainer's differentiable unroll on a GPU is made of little else: the
-matrix products, the preprocessing and the head are a small part of its traffic.
+In eager torch on a GPU that is 9 kernels forward and 13 backward (sigmoids, tanhs, products, sums and the
+``cat`` of the four gate gradients), each a pass through memory: 88 B forward and 176 B backward per hidden unit
+and coordinate in float32. Here the forward is one kernel (reads the gates and c, writes h' and c': 28 B) that
+keeps only its two inputs for the backward, and the backward is one kernel that recomputes the activations from
+them (reads the gates, c, dh' and dc', writes the gates' gradient and dc: 48 B), 3.5x less traffic. A whole
+meta-training step moves about half the bytes with them (``benchmarks/meta_traffic.py``): the cell is most of
+the rule's traffic, beside the matrix products, the preprocessing and the head.
 
 ``tanh`` is the rule's own ``2 sigmoid(2x) - 1`` and sigmoid ``1 / (1 + exp(-x))``, as in the fused step
 (``kernels.lstm``); the maths is float32. Tests compare both kernels with torch's autograd of the plain maths
@@ -50,6 +49,7 @@ def _cell_forward_kernel(gates, c, h_out, c_out, hn, n, c_stride, C_CONTIGUOUS: 
     """Elements [pid BLOCK, (pid + 1) BLOCK) of the flat (H, n) outputs. ``gates`` is (4H, n) contiguous (the
     i, f, g, o blocks of H rows: gate k of element e at k H n + e), ``c`` (H, n) with row stride ``c_stride``,
     the outputs (H, n) contiguous."""
+    hn = hn.to(tl.int64)  # 4 H n may pass 2^31 where H n does not
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < hn
     i = tl.load(gates + e, mask=mask, other=0.0)
@@ -68,6 +68,7 @@ def _cell_backward_kernel(gates, c, dh, dc, d_gates, dc_prev, hn, n, c_stride, C
                           BLOCK: tl.constexpr):
     """The gradient of the forward's outputs (dh, dc: (H, n) contiguous, either absent) with respect to its
     inputs, the activations recomputed from the inputs."""
+    hn = hn.to(tl.int64)
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < hn
     si = _sigmoid(tl.load(gates + e, mask=mask, other=0.0))
