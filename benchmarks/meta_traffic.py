@@ -73,7 +73,7 @@ class Traffic(TorchDispatchMode):
 
 
 def _count_cell_kernels(counter_of):
-    """Make each fused cell launch count as one kernel with its traffic."""
+    """Make each fused cell launch count as one kernel with its traffic; returns the function that undoes it."""
     from learned_optim.kernels import cell
 
     forward, backward = cell.cell_forward, cell.cell_backward
@@ -98,6 +98,11 @@ def _count_cell_kernels(counter_of):
 
     cell.cell_forward, cell.cell_backward = counted_forward, counted_backward
 
+    def undo():
+        cell.cell_forward, cell.cell_backward = forward, backward
+
+    return undo
+
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -114,14 +119,29 @@ def main(argv=None) -> dict:
     if "fused" in cells and not (kernels.triton_available() and kernels.interpreter_enabled()):
         raise SystemExit("--cells fused runs the cell kernels under Triton's interpreter: set TRITON_INTERPRET=1")
     populations = sorted({int(k) for k in args.population.split(",") if k.strip()})
+    started = time.perf_counter()
+    saved = unroll.POPULATION_BLOCK, rules_base.fast_tanh
     unroll.POPULATION_BLOCK = 1 << 62  # one rule call over the population's coordinates, as on a GPU
     rules_base.fast_tanh = torch.tanh  # the element-wise tanh as a GPU runs it
     active: list[Traffic | None] = [None]
-    _count_cell_kernels(lambda: active[0])
-    torch.set_num_threads(1)
+    undo = _count_cell_kernels(lambda: active[0]) if "fused" in cells else (lambda: None)
+    try:
+        results, data = _count(args, cells, populations, active)
+    finally:
+        unroll.POPULATION_BLOCK, rules_base.fast_tanh = saved
+        undo()
+    return emit({"benchmark": "meta_traffic", "schema_version": 1,
+                 "env": {"torch": torch.__version__, "wall_s": time.perf_counter() - started, "data": data,
+                         "triton_interpret": os.environ.get("TRITON_INTERPRET")},
+                 "command": "meta_traffic.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                 "config": {"task": args.task, "unroll": args.unroll, "bandwidth_bytes_per_s": args.bandwidth},
+                 "results": results}, args.out)
+
+
+def _count(args, cells: list[str], populations: list[int], active: list) -> tuple[dict, dict]:
     task, data = load_task(args.task, args.data_root, torch.device("cpu"))
     bench_args = argparse.Namespace(seed=0, meta_lr=1e-3, unroll=args.unroll, horizon=10 * args.unroll)
-    results, started = {}, time.perf_counter()
+    results = {}
     for model in [m for m in args.models.split(",") if m]:
         for k in populations:
             row = {}
@@ -145,12 +165,7 @@ def main(argv=None) -> dict:
                 row["fused_over_torch"] = {"kernels": row["fused"]["kernels_per_step"] / row["torch"]["kernels_per_step"],
                                            "bytes": row["fused"]["bytes_per_step"] / row["torch"]["bytes_per_step"]}
             results.setdefault(model, {})[str(k)] = row
-    return emit({"benchmark": "meta_traffic", "schema_version": 1,
-                 "env": {"torch": torch.__version__, "wall_s": time.perf_counter() - started, "data": data,
-                         "triton_interpret": os.environ.get("TRITON_INTERPRET")},
-                 "command": "meta_traffic.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                 "config": {"task": args.task, "unroll": args.unroll, "bandwidth_bytes_per_s": args.bandwidth},
-                 "results": results}, args.out)
+    return results, data
 
 
 if __name__ == "__main__":

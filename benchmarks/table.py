@@ -1,4 +1,4 @@
-"""Markdown tables from benchmarks/results/step.json and meta_step.json.
+"""Markdown tables from benchmarks/results/step.json, meta_step.json and meta_traffic.json.
 
     python benchmarks/table.py                                  # print the tables
     python benchmarks/table.py --readme benchmarks/README.md    # also put them between the markers
@@ -85,6 +85,26 @@ def meta_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def traffic_table(data: dict) -> str:
+    """meta_traffic.json: kernels and bytes per unrolled step, the LSTM cell as torch ops and fused."""
+    cfg = data.get("config", {})
+    lines = ["### Meta-training step's memory traffic on a GPU (benchmarks/meta_traffic.py)", "",
+             f"Counted on the CPU (`{data.get('command', '')}`), task {cfg.get('task')}; per unrolled step of the "
+             f"whole population; floor = bytes / {cfg.get('bandwidth_bytes_per_s', 0) / 1e12:.1f} TB/s.", "",
+             "| model | K | kernels, cell as torch ops | GB (floor ms) | kernels, fused cell | GB (floor ms) "
+             "| fused / torch bytes |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for model, by_k in data.get("results", {}).items():
+        for k, row in sorted(by_k.items(), key=lambda kv: int(kv[0])):
+            cells = []
+            for cell in ("torch", "fused"):
+                r = row.get(cell)
+                cells += ([f"{r['kernels_per_step']:.0f}", f"{r['bytes_per_step'] / 1e9:.3g} ({r['floor_ms']:.3g})"]
+                          if r else ["–", "–"])
+            ratio = row.get("fused_over_torch", {}).get("bytes")
+            lines.append(f"| {model} | {k} | " + " | ".join(cells) + f" | {f'{ratio:.2f}' if ratio else '–'} |")
+    return "\n".join(lines)
+
+
 def render(step_path: Path, meta_path: Path) -> str:
     parts = []
     for path, fn in ((step_path, step_table), (meta_path, meta_table)):
@@ -92,6 +112,9 @@ def render(step_path: Path, meta_path: Path) -> str:
             parts.append(fn(json.loads(path.read_text())))
         else:
             parts.append(f"_(no {path.name} yet)_")
+    traffic = step_path.parent / "meta_traffic.json"
+    if traffic.exists():
+        parts.append(traffic_table(json.loads(traffic.read_text())))
     return "\n\n".join(parts)
 
 

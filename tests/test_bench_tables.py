@@ -73,3 +73,21 @@ def test_gpu_table_from_fresh_benchmark_runs(tmp_path):
     assert "| `step()`, 10k parameters in one matrix" in text and "Adam" in text
     assert "× K = 1)" in text and " s |" in text
     assert "fused LSTM cell kernels, speed-up over torch's ops (K = 1 / 2)" in text
+
+
+def test_meta_traffic_counts_and_restores(tmp_path):
+    """benchmarks/meta_traffic.py at toy size (cell as torch ops: no interpreter needed): counts grow with the
+    population, the table renders, and what it patches for the count (tanh as on a GPU, one rule call over the
+    population) is restored after it."""
+    import learned_optim.rules.base as rules_base
+    import meta_train.unroll as unroll
+    from helpers import write_synthetic_mnist
+
+    before = rules_base.fast_tanh, unroll.POPULATION_BLOCK
+    root = write_synthetic_mnist(tmp_path / "data", "MNIST", n_train=256, n_test=64, size=8)
+    out = _bench("meta_traffic").main(["--models", "dm", "--population", "1,2", "--unroll", "1", "--cells", "torch",
+                                       "--data-root", str(root), "--out", str(tmp_path / "traffic.json")])
+    assert (rules_base.fast_tanh, unroll.POPULATION_BLOCK) == before
+    one, two = (out["results"]["dm"][k]["torch"] for k in ("1", "2"))
+    assert one["kernels_per_step"] > 50 and 1.5 < two["bytes_per_step"] / one["bytes_per_step"] < 2.5
+    assert "| dm | 2 |" in _table().traffic_table(out)
