@@ -229,6 +229,7 @@ def _cell_mode_from_env() -> str:
 _cell_mode: contextvars.ContextVar[str] = contextvars.ContextVar("learned_optim_cell_kernel",
                                                                  default=_cell_mode_from_env())
 _cell_off: set[torch.device] = set()  # devices whose GPU could not compile the cell kernels (warned once)
+_cell_checked: set[torch.device] = set()  # devices where they compiled and loaded
 
 
 @contextlib.contextmanager
@@ -284,9 +285,6 @@ def fused_cell(gates: torch.Tensor, c: torch.Tensor):
             return None
         _cell_checked.add(device)
     return cell.FusedCell.apply(gates, c)
-
-
-_cell_checked: set[torch.device] = set()
 
 
 def _functorch_wrapped(t: torch.Tensor) -> bool:
