@@ -313,7 +313,7 @@ def main(argv=None) -> dict:
             fused["fused_cell_speedup"] = (row[m]["meta_ms_per_step"]["median_ms"]
                                            / fused["meta_ms_per_step"]["median_ms"])
     results = by_population[str(populations[0])]  # the smallest population, in the one-population schema
-    env["cell_kernels_used"] = device in kernels._cell_checked  # the fused LSTM cell kernels ran (CUDA, Triton)
+    env["cell_kernels_used"] = any(d.type == device.type for d in kernels._cell_checked)  # the fused cell kernels ran
     env["load_avg_end"] = list(os.getloadavg())
     env["wall_s"] = time.perf_counter() - t_start
     out = {"benchmark": "meta_step", "schema_version": 1, "env": env,
