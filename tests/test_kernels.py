@@ -385,7 +385,6 @@ def nonfinite_raise(device: str) -> dict:
     return out
 
 
-
 # ------------------------------------------------------------------------------ the LSTM cell kernels (meta-training)
 def _plain_cell(gates, c):
     """The cell's element-wise maths as torch ops: the reference for kernels.cell (the rule's own tanh form)."""
@@ -437,19 +436,34 @@ def cell_in_an_unroll(device: str) -> dict:
     population."""
     from helpers import synthetic_images
     from meta_train.tasks import Task
-    from meta_train.unroll import meta_unroll, population_meta_unroll, start, start_population
+
+    from learned_optim.kernels import cell
 
     images, labels = synthetic_images(256, 1, 8, 0)
     data = (torch.from_numpy(images).float().div(255), torch.from_numpy(labels).long())
     task = Task("mlp-orig", train=True, data=data, device=device)
     out = {}
+    forward, backward, launches = cell.cell_forward, cell.cell_backward, []
+    cell.cell_forward = lambda *a: launches.append("forward") or forward(*a)  # counts the kernels' launches
+    cell.cell_backward = lambda *a, **kw: launches.append("backward") or backward(*a, **kw)
+    try:
+        _cell_unrolls(device, task, out, launches)
+    finally:
+        cell.cell_forward, cell.cell_backward = forward, backward
+    return out
+
+
+def _cell_unrolls(device: str, task, out: dict, launches: list) -> None:
+    from meta_train.unroll import meta_unroll, population_meta_unroll, start, start_population
+
     for name, populations in (("dm", (1,)), ("rnnprop", (3,))) if device == "cpu" else (("dm", (1, 3)),
                                                                                       ("rnnprop", (1, 3))):
         rule = copy.deepcopy(imitation_trained_rule(name, meta_steps=30)).to(device).requires_grad_(True)
         for k in populations:
-            runs = []
+            runs, counts = [], []
             for mode in ("off", "on" if device == "cpu" else "auto"):
                 rule.zero_grad(set_to_none=True)
+                launches.clear()
                 with kernels.cell_kernel(mode):
                     if k == 1:
                         gen = torch.Generator().manual_seed(0)
@@ -465,17 +479,21 @@ def cell_in_an_unroll(device: str) -> dict:
                 grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                                   for p in rule.parameters()])
                 runs.append((loss.detach(), values, grad))
+                counts.append((launches.count("forward"), launches.count("backward")))
             (la, va, ga), (lb, vb, gb) = runs
             out[f"{name}-K{k}"] = {"loss": max(_rel(lb, la)), "values": max(_rel(vb, va)),
-                                   "meta_grad": max(_rel(gb, ga)), "meta_grad_norm": ga.norm().item()}
-    return out
+                                   "meta_grad": max(_rel(gb, ga)), "meta_grad_norm": ga.norm().item(),
+                                   "launches_plain": counts[0], "launches_fused": counts[1]}
 
 
 def check_cell(result: dict, tol: float) -> None:
     assert "error" not in result, result.get("error")
     for case, errs in result.items():
+        if "launches_fused" in errs:  # 5 steps x 2 layers, forward and backward: the kernels did run, and only there
+            assert list(errs["launches_plain"]) == [0, 0] and list(errs["launches_fused"]) == [10, 10], (case, errs)
+            assert errs["meta_grad_norm"] > 0, (case, errs)
         for key, err in errs.items():
-            if key != "meta_grad_norm":
+            if not key.startswith(("meta_grad_norm", "launches")):
                 assert err <= tol, (case, key, err)
 
 
@@ -579,7 +597,6 @@ def test_interpreted_kernel_raise_policy_changes_nothing(interpreted):
     check_raise(interpreted["nonfinite-raise"])
 
 
-
 def test_interpreted_cell_kernels_match_autograd(interpreted):
     check_cell(interpreted["cell-autograd"], FP32_TOL)
 
@@ -587,6 +604,7 @@ def test_interpreted_cell_kernels_match_autograd(interpreted):
 def test_interpreted_cell_kernels_in_a_meta_training_unroll(interpreted):
     # the same truncation with the kernels and with torch's ops: float32 rounding apart, the same meta-gradient
     check_cell(interpreted["cell-unroll"], 1e-4)
+
 
 # ---------------------------------------------------------------------------------------------- CPU: compiler
 _COMPILE_FOR_H200 = """
