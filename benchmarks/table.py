@@ -273,6 +273,52 @@ def gpu_table(folder: Path) -> str | None:
     return "\n".join(lines)
 
 
+def gpu_bar(folder: Path) -> dict:
+    """``summary.json`` of a ``scripts/gpu_check.sh`` folder: every step() time with its bandwidth-floor ratio
+    (``steps``) and the checks of the issues' bars (``bar``, each with its value and pass/fail): the fused L2O-DM /
+    RNNprop step within 2x the bandwidth floor at 10M and 3x at 1M, 864 tensors within 1.5x one matrix; a K = 64
+    meta-step within 2x K = 1 (the default models, not their ``+`` variants); one learned optimizer's 10 seeds x
+    10,000 evaluation steps in under a minute (extrapolated from the run's steps)."""
+    rows, bar = [], []
+    for name in ("step_1M.json", "step_10M.json", "step_100M.json", "sweep_10M.json"):
+        path = folder / name
+        if not path.exists():
+            continue
+        for case in json.loads(path.read_text())["results"]:
+            for opt, e in case.get("optimizers", {}).items():
+                rows.append({"file": name, "size": case["size"], "shape": case["shape"],
+                             "n_tensors": case["n_tensors"], "optimizer": opt, "median_ms": e["median_ms"],
+                             "host_call_ms": e.get("host_call_ms"), "ratio_to_adam": e.get("ratio_to_adam"),
+                             "floor_ms": e.get("bandwidth_floor", {}).get("median_ms"),
+                             "step_over_floor": e.get("step_over_bandwidth_floor")})
+    step = {(r["file"], r["size"], r["shape"], r["optimizer"]): r for r in rows}
+    for rule in ("dm[triton]", "rnnprop[triton]"):
+        for size, limit in (("10M", 2.0), ("1M", 3.0)):
+            r = step.get((f"step_{size}.json", size, "matrix", rule))
+            if r and r["step_over_floor"] is not None:
+                bar.append({"check": f"{rule} {size} matrix step / bandwidth floor <= {limit}",
+                            "value": r["step_over_floor"], "pass": r["step_over_floor"] <= limit})
+        one, many = step.get(("step_1M.json", "1M", "matrix", rule)), step.get(("step_1M.json", "1M", "many", rule))
+        if one and many:
+            ratio = many["median_ms"] / one["median_ms"]
+            bar.append({"check": f"{rule} 1M: {many['n_tensors']} tensors / one matrix <= 1.5", "value": ratio,
+                        "pass": ratio <= 1.5})
+    meta_path, eval_path = folder / "meta_step.json", folder / "evaluate_speed.json"
+    if meta_path.exists():
+        by_k = json.loads(meta_path.read_text()).get("results_by_population", {})
+        for model, e in sorted(by_k.get("64", {}).items()):
+            if "+" not in model and e.get("cost_vs_population_1") is not None:
+                bar.append({"check": f"{model} meta-step K = 64 / K = 1 <= 2", "value": e["cost_vs_population_1"],
+                            "pass": e["cost_vs_population_1"] <= 2.0})
+    if eval_path.exists():
+        for r in json.loads(eval_path.read_text()).get("results", []):
+            if r.get("optimizer") not in ("adam", "rmsprop", "sgd"):
+                seconds = r["batched"]["protocol_10x10000_s"]
+                bar.append({"check": f"{r['optimizer']} on {r['task']}: 10 seeds x 10,000 steps < 60 s "
+                                     "(extrapolated)", "value": seconds, "pass": seconds < 60})
+    return {"bar": bar, "steps": rows}
+
+
 def replace_between_markers(text: str, body: str) -> str | None:
     i, j = text.find(START), text.find(END)
     if i < 0 or j < 0 or j < i:
@@ -288,10 +334,15 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", type=Path, default=None,
                     help="with --summary: add the GPU table from a scripts/gpu_check.sh folder (its step_*.json, "
                          "meta_step.json and evaluate_speed.json)")
+    ap.add_argument("--bar", type=Path, default=None,
+                    help="print the summary.json of a scripts/gpu_check.sh folder: its step times and the bars' checks")
     ap.add_argument("--summary", action="store_true",
                     help="one compact table (the project README's) from step.json, meta_step_population.json, "
                          "meta_step_compile.json and evaluate_speed.json instead of the detailed tables")
     args = ap.parse_args(argv)
+    if args.bar is not None:
+        print(json.dumps(gpu_bar(args.bar), indent=1))
+        return 0
     if args.summary:
         results = HERE / "results"
         load = lambda name: json.loads((results / name).read_text()) if (results / name).exists() else None  # noqa

@@ -91,3 +91,31 @@ def test_meta_traffic_counts_and_restores(tmp_path):
     one, two = (out["results"]["dm"][k]["torch"] for k in ("1", "2"))
     assert one["kernels_per_step"] > 50 and 1.5 < two["bytes_per_step"] / one["bytes_per_step"] < 2.5
     assert "| dm | 2 |" in _table().traffic_table(out)
+
+
+def test_gpu_bar_checks_every_bar(tmp_path):
+    """summary.json of a gpu_check.sh folder (benchmarks/table.py --bar): each bar of the two GPU issues checked
+    from the benchmarks' own fields, pass and fail."""
+    def case(size, shape, n, ms, floor):
+        return {"size": size, "shape": shape, "n_tensors": n, "optimizers": {
+            "dm[triton]": {"median_ms": ms, "step_over_bandwidth_floor": floor, "bandwidth_floor": {"median_ms": 1.0}},
+            "adam": {"median_ms": 0.5}}}
+
+    (tmp_path / "step_1M.json").write_text(json.dumps({"results": [case("1M", "matrix", 1, 0.4, 2.5),
+                                                                   case("1M", "many", 864, 0.7, 4.0)]}))
+    (tmp_path / "step_10M.json").write_text(json.dumps({"results": [case("10M", "matrix", 1, 3.5, 2.3)]}))
+    (tmp_path / "meta_step.json").write_text(json.dumps({"results_by_population": {"64": {
+        "dm": {"cost_vs_population_1": 1.6}, "dm+torchcell": {"cost_vs_population_1": 2.4},
+        "scale": {"cost_vs_population_1": 2.2}}}}))
+    (tmp_path / "evaluate_speed.json").write_text(json.dumps({"results": [
+        {"optimizer": "adam", "task": "mlp-orig", "batched": {"protocol_10x10000_s": 5.0}},
+        {"optimizer": "dm", "task": "mlp-orig", "batched": {"protocol_10x10000_s": 12.0}}]}))
+    out = _table().gpu_bar(tmp_path)
+    checks = {b["check"]: b["pass"] for b in out["bar"]}
+    assert checks == {"dm[triton] 10M matrix step / bandwidth floor <= 2.0": False,
+                      "dm[triton] 1M matrix step / bandwidth floor <= 3.0": True,
+                      "dm[triton] 1M: 864 tensors / one matrix <= 1.5": False,
+                      "dm meta-step K = 64 / K = 1 <= 2": True,
+                      "scale meta-step K = 64 / K = 1 <= 2": False,
+                      "dm on mlp-orig: 10 seeds x 10,000 steps < 60 s (extrapolated)": True}
+    assert len(out["steps"]) == 6
