@@ -278,10 +278,9 @@ def fused_cell(gates: torch.Tensor, c: torch.Tensor):
             cell.check_compiles(gates, c)
         except Exception as exc:  # noqa: BLE001 -- whatever Triton raises: the plain maths instead
             _cell_off.add(device)
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            warnings.warn(f"learned_optim: the fused LSTM cell kernels cannot run on {device} ({type(exc).__name__}: "
-                          f"{first}); using the plain torch maths there (same results, more memory traffic). "
-                          "LEARNED_OPTIM_CELL_KERNEL=off silences this", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"learned_optim: the fused LSTM cell kernels cannot run on {device} "
+                          f"({_module().first_line(exc)}); using the plain torch maths there (same results, more "
+                          "memory traffic). LEARNED_OPTIM_CELL_KERNEL=off silences this", RuntimeWarning, stacklevel=3)
             return None
         _cell_checked.add(device)
     return cell.FusedCell.apply(gates, c)

@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .lstm import _sigmoid
+from .lstm import _sigmoid, compile_source, device_guard, warm_up
 
 BLOCK = 1024  # elements of the (H, n) cell state per program on a GPU
 WARPS = 4
@@ -103,19 +103,13 @@ def _launch_shape(c: Tensor) -> tuple[tuple[int], dict]:
     return (triton.cdiv(hidden * n, block),), meta
 
 
-def _device_guard(t: Tensor):
-    import contextlib
-
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def cell_forward(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """(h', c') of the cell from the gates' pre-activations (4H, n) and the cell state (H, n)."""
     hidden, n = c.shape
     h_out = torch.empty((hidden, n), dtype=c.dtype, device=c.device)
     c_out = torch.empty_like(h_out)
     grid, meta = _launch_shape(c)
-    with _device_guard(c):
+    with device_guard(c.device):
         _cell_forward_kernel[grid](gates, c, h_out, c_out, hidden * n, n, c.stride(0), **meta)
     return h_out, c_out
 
@@ -129,7 +123,7 @@ def cell_backward(gates: Tensor, c: Tensor, dh: Tensor | None, dc: Tensor | None
     dh = dh.contiguous() if dh is not None else None
     dc = dc.contiguous() if dc is not None else None
     grid, meta = _launch_shape(c)
-    with _device_guard(c):
+    with device_guard(c.device):
         _cell_backward_kernel[grid](gates, c, dh if dh is not None else d_gates, dc if dc is not None else d_gates,
                                     d_gates, dc_prev if need_dc else d_gates, hidden * n, n, c.stride(0),
                                     HAS_DH=dh is not None, HAS_DC=dc is not None, WRITE_DC=need_dc, **meta)
@@ -164,34 +158,23 @@ def check_compiles(gates: Tensor, c: Tensor) -> None:
     Triton raises when this GPU cannot run them."""
     hidden, n = c.shape
     grid, meta = _launch_shape(c)
-    with _device_guard(c):
+    with device_guard(c.device):
         for kernel, args, extra in (
                 (_cell_forward_kernel, (gates, c, c, c, hidden * n, n, c.stride(0)), {}),
                 (_cell_backward_kernel, (gates, c, c, c, gates, c, hidden * n, n, c.stride(0)),
                  dict(HAS_DH=True, HAS_DC=True, WRITE_DC=True))):
-            compiled = kernel.warmup(*args, grid=grid, **meta, **extra)
-            init = getattr(compiled, "_init_handles", None)
-            if init is not None:
-                init()
+            warm_up(kernel, *args, grid=grid, **meta, **extra)
 
 
 def compile_for(arch: int = 90, contiguous: bool = True) -> list:
     """Both kernels compiled for an NVIDIA GPU of compute capability ``arch`` without one (Triton's compiler
     and the ptxas of its wheel; see ``lstm.compile_for``): the forward and the full backward, as a GPU compiles
     them at their first use. Returns Triton's ``CompiledKernel``s."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     out = []
     for kernel, extra in ((_cell_forward_kernel, {}),
                           (_cell_backward_kernel, dict(HAS_DH=True, HAS_DC=True, WRITE_DC=True))):
-        if not isinstance(kernel, triton.JITFunction):
-            raise RuntimeError("compile_for needs the compiled kernels: unset TRITON_INTERPRET before importing triton")
         const = dict(C_CONTIGUOUS=contiguous, BLOCK=BLOCK, **extra)
-        names = kernel.arg_names
         signature = {n: "constexpr" if n in const else "i64" if n in ("hn", "n", "c_stride") else "*fp32"
-                     for n in names}
-        source = ASTSource(fn=kernel, signature=signature,
-                           constexprs={(names.index(n),): value for n, value in const.items()})
-        out.append(triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": WARPS}))
+                     for n in kernel.arg_names}
+        out.append(compile_source(kernel, signature, const, arch, {"num_warps": WARPS}))
     return out

@@ -284,6 +284,39 @@ def lstm_step(rule: Rule, params: Sequence[Tensor], state, *, lr: float, maximiz
     return out
 
 
+def device_guard(device: torch.device):
+    """The launches' device as the current one on a GPU (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def warm_up(kernel, *args, grid, **meta) -> None:
+    """Compile ``kernel`` for these arguments and load it on the GPU (Triton's warm-up, no launch): a variant
+    the device cannot run (resource limits, instructions) raises here, before anything is written."""
+    compiled = kernel.warmup(*args, grid=grid, **meta)
+    init = getattr(compiled, "_init_handles", None)
+    if init is not None:
+        init()
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (Triton's compile errors run to pages)."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+
+
+def compile_source(kernel, signature: dict, const: dict, arch: int, options: dict):
+    """``kernel`` compiled for an NVIDIA GPU of compute capability ``arch`` without that GPU (Triton's compiler
+    and the ptxas of its wheel), ``const`` its constexpr arguments."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if not isinstance(kernel, triton.JITFunction):
+        raise RuntimeError("compiling for a GPU target needs the compiled kernels: unset TRITON_INTERPRET before "
+                           "importing triton")
+    names = kernel.arg_names
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in const.items()})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
 class KernelUnavailable(RuntimeError):
     """A kernel variant a step needs cannot be compiled or loaded on this device (e.g. TF32 products or
     bfloat16 on a GPU older than Ampere, or too little shared memory); raised before anything is written."""
@@ -303,8 +336,7 @@ def _launch(rule: Rule, plan: dict, grads: list[int], lr: float, maximize: bool,
     else:
         consts = (rule.k, math.exp(rule.k), 0.0, 0.0, 0.0)  # e^k is rounded to float32, as torch does with a scalar
     nw = len(weights)
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    with device_guard(device):
         calls = []  # per launch: (kernel, grid, args, meta) of its three kernels
         for launch in plan["launches"]:
             table = array("q", launch["table"])
@@ -331,13 +363,9 @@ def _launch(rule: Rule, plan: dict, grads: list[int], lr: float, maximize: bool,
         if check:
             for kernel, grid, args, meta in calls:
                 try:
-                    compiled = kernel.warmup(*args, grid=grid, **meta)
-                    init = getattr(compiled, "_init_handles", None)  # load it on the GPU: resource limits
-                    if init is not None:
-                        init()
+                    warm_up(kernel, *args, grid=grid, **meta)
                 except Exception as exc:  # noqa: BLE001 -- whatever Triton raises, nothing was written yet
-                    first = (str(exc).strip().splitlines() or [""])[0][:300]
-                    raise KernelUnavailable(f"{type(exc).__name__}: {first}") from exc
+                    raise KernelUnavailable(first_line(exc)) from exc
         try:
             for kernel, grid, args, meta in calls:
                 kernel[grid](*args, **meta)
@@ -565,19 +593,11 @@ def compile_for(v: dict, arch: int = 90):
     (90: H100 / H200) without that GPU, or any GPU: Triton's compiler and the ptxas of its wheel, down to
     the cubin. Returns Triton's ``CompiledKernel`` (``asm["ptx"]``, ``asm["cubin"]``, ``metadata.shared``).
     Checks what Triton's interpreter cannot: that the kernel lowers for the real target."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if not isinstance(_lstm_step_kernel, triton.JITFunction):
-        raise RuntimeError("compile_for needs the compiled kernel: unset TRITON_INTERPRET before importing triton")
     const = _specialisation(v)
-    names = _lstm_step_kernel.arg_names
     signature = {n: "constexpr" if n in const else "*i64" if n == "table" else "*i32" if n in ("block_map", "skip")
-                 else "fp32" for n in names}
-    source = ASTSource(fn=_lstm_step_kernel, signature=signature,
-                       constexprs={(names.index(n),): value for n, value in const.items()})
+                 else "fp32" for n in _lstm_step_kernel.arg_names}
     options = {"num_warps": v["warps"], **({"maxnreg": v["maxnreg"]} if v.get("maxnreg") else {})}
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return compile_source(_lstm_step_kernel, signature, const, arch, options)
 
 
 def precompile(variant_list: list[dict] | None = None, processes: int | None = None) -> list[str]:
